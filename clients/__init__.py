@@ -1,0 +1,1 @@
+"""Client libraries and tools that talk to a streamscribe server."""

@@ -1,0 +1,1 @@
+"""Speech recognition engines: model families behind one batched interface, and their scheduler."""

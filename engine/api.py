@@ -1,0 +1,99 @@
+"""The engine interface shared by every model family, and the family registry.
+
+Callers (the CLI, later the scheduler) only see `Segment` in and `Hypothesis` out, so model
+families can be swapped without touching anything above `engine/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+TARGET_SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of mono audio to recognise.
+
+    `audio` may be any numeric dtype (int16 is scaled by 1/32768, floats are taken as [-1, 1]);
+    `sample_rate` other than 16 kHz is resampled by the engine.
+    """
+
+    audio: np.ndarray
+    sample_rate: int = TARGET_SAMPLE_RATE
+    hotwords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start_ms: int
+    end_ms: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """What a family returns per segment; times are milliseconds from the segment's start."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    confidence: float = 0.0
+    duration_ms: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "confidence": round(self.confidence, 4),
+            "duration_ms": self.duration_ms,
+            "words": [
+                {
+                    "word": w.word,
+                    "start_ms": w.start_ms,
+                    "end_ms": w.end_ms,
+                    "confidence": round(w.confidence, 4),
+                }
+                for w in self.words
+            ],
+        }
+
+
+class Engine(Protocol):
+    """A loaded model. Both calls are batched: one hypothesis per segment, in order."""
+
+    family: str
+    device: str
+
+    def draft(self, segments: Sequence[Segment]) -> list[Hypothesis]:
+        """Cheap text for partials (may be less accurate than `transcribe`)."""
+        ...
+
+    def transcribe(self, segments: Sequence[Segment]) -> list[Hypothesis]:
+        """Final text with word times and confidences."""
+        ...
+
+
+class ModelLoadError(RuntimeError):
+    """A model that was asked for cannot be loaded; the message says why and what to do."""
+
+
+# family name -> "module:function" that loads it; imported lazily so that a family's heavy
+# dependencies are only needed when that family is used.
+FAMILIES: dict[str, str] = {
+    "granite-nar": "engine.granite_nar.engine:load_engine",
+}
+
+
+def family_loader(family: str) -> Callable[..., Engine]:
+    try:
+        target = FAMILIES[family]
+    except KeyError:
+        known = ", ".join(sorted(FAMILIES))
+        raise ModelLoadError(f"unknown model family {family!r}; known families: {known}") from None
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
