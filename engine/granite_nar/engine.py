@@ -1,0 +1,192 @@
+"""The `granite-nar` family: batched `draft` (CTC only) and `transcribe` (CTC + editor).
+
+Turns segments into model batches (length-sorted, long audio cut into windows that fit the
+editor's position limit) and model outputs into text, timed words and confidences.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from ..api import TARGET_SAMPLE_RATE, Hypothesis, ModelLoadError, Segment, Word
+from ..audio import prepare_waveform
+from ..features import nar_features
+from .checkpoint import CheckpointError, load_model, resolve_source
+from .decoding import build_slots, draft_spans, editor_spans, group_words, slot_times
+from .model import GraniteSpeechNar
+from .windows import merge_words, plan_windows
+
+log = logging.getLogger("engine.granite_nar")
+
+SAMPLES_PER_FRAME = 320  # one encoder frame = 20 ms at 16 kHz
+SILENCE_PEAK = 1e-4  # below -80 dBFS nothing can be speech: answer empty without the model
+# Editor positions per second of audio, worst case: 10 audio rows + 2 slots per 80 ms window.
+POSITIONS_PER_SECOND = 10 + 2 * 12.5
+
+
+class GraniteNarEngine:
+    family = "granite-nar"
+
+    def __init__(
+        self,
+        model: GraniteSpeechNar,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 16,
+        window_s: float = 30.0,
+        window_overlap_s: float = 5.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = str(model.device)
+        self.max_batch = max_batch
+        cfg = model.cfg
+        self.blank = cfg.blank_token_id
+        limit_s = (cfg.text.max_position_embeddings - 2) / POSITIONS_PER_SECOND
+        window = min(window_s, limit_s)
+        self.window = int(window * TARGET_SAMPLE_RATE)
+        self.overlap = int(min(window_overlap_s, window / 3) * TARGET_SAMPLE_RATE)
+        self.special = {
+            token_id
+            for token_id, added in tokenizer.get_added_tokens_decoder().items()
+            if added.special
+        }
+
+    def draft(self, segments: Sequence[Segment]) -> list[Hypothesis]:
+        return self._recognise(segments, edit=False)
+
+    def transcribe(self, segments: Sequence[Segment]) -> list[Hypothesis]:
+        return self._recognise(segments, edit=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def _recognise(self, segments: Sequence[Segment], edit: bool) -> list[Hypothesis]:
+        waves = [prepare_waveform(s.audio, s.sample_rate) for s in segments]
+        pieces: list[tuple[int, int, int]] = []  # (segment, start, end) in samples
+        plans: list[list[tuple[int, int]]] = []
+        for index, wave in enumerate(waves):
+            silent = wave.size == 0 or float(np.abs(wave).max()) < SILENCE_PEAK
+            plan = [] if silent else plan_windows(wave.size, self.window, self.overlap)
+            plan = [(a, b) for a, b in plan if b - a >= SAMPLES_PER_FRAME]
+            plans.append(plan)
+            pieces += [(index, a, b) for a, b in plan]
+        results: dict[tuple[int, int, int], list[tuple[Word, list[int]]]] = {}
+        order = sorted(pieces, key=lambda p: p[2] - p[1])
+        for start in range(0, len(order), self.max_batch):
+            batch = order[start : start + self.max_batch]
+            words = self._run_batch([waves[i][a:b] for i, a, b in batch], edit)
+            results.update(zip(batch, words, strict=True))
+        hypotheses = []
+        for index, (wave, plan) in enumerate(zip(waves, plans, strict=True)):
+            per_window = [results[(index, a, b)] for a, b in plan]
+            kept = merge_words(per_window, plan, TARGET_SAMPLE_RATE)
+            hypotheses.append(self._hypothesis(kept, wave.size))
+        return hypotheses
+
+    def _run_batch(self, waves: list[np.ndarray], edit: bool) -> list[list[tuple[Word, list[int]]]]:
+        model = self.model
+        features, lengths_t = nar_features(waves, device=model.device)
+        lengths = lengths_t.tolist()
+        encoded = model.encode(features, with_taps=edit)
+        drafts = model.ctc_draft(encoded, lengths)
+        spans = [
+            draft_spans(d.window_ids.tolist(), d.window_probs.tolist(), self.blank) for d in drafts
+        ]
+        if edit:
+            slots = [
+                build_slots(
+                    [s.token_id for s in sp], self.blank, model.cfg.min_edit_sequence_length
+                )
+                for sp in spans
+            ]
+            outputs = model.edit(
+                model.audio_embeddings(encoded, lengths),
+                [torch.tensor(s, device=model.device) for s in slots],
+            )
+            spans = [
+                editor_spans(
+                    out.slot_ids.tolist(),
+                    out.slot_probs.tolist(),
+                    slot_times(sp, len(s), len(w) * 1000 // TARGET_SAMPLE_RATE),
+                    self.blank,
+                )
+                for out, sp, s, w in zip(outputs, spans, slots, waves, strict=True)
+            ]
+        return [group_words(sp, self.decode, self.special) for sp in spans]
+
+    def _hypothesis(self, kept: list[tuple[Word, list[int]]], n_samples: int) -> Hypothesis:
+        words = [w for w, _ in kept]
+        ids = [i for _, word_ids in kept for i in word_ids]
+        confidence = (
+            math.exp(sum(math.log(max(w.confidence, 1e-12)) for w in words) / len(words))
+            if words
+            else 0.0
+        )
+        return Hypothesis(
+            text=self.decode(ids).strip(),
+            token_ids=ids,
+            words=words,
+            confidence=confidence,
+            duration_ms=n_samples * 1000 // TARGET_SAMPLE_RATE,
+        )
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
+    except KeyError:
+        raise ModelLoadError(
+            f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
+        ) from None
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder}: no tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def load_engine(
+    source: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch: int = 16,
+    window_s: float = 30.0,
+    window_overlap_s: float = 5.0,
+    hub_timeout_s: float = 10.0,
+) -> GraniteNarEngine:
+    """Load a checkpoint folder or hub id into a ready engine."""
+    folder = resolve_source(source, hub_timeout_s)
+    torch_device = pick_device(device)
+    model = load_model(folder, torch_device, pick_dtype(dtype, torch_device))
+    log.info("granite-nar loaded", extra={"source": str(folder), "device": str(torch_device)})
+    return GraniteNarEngine(
+        model,
+        load_tokenizer(folder),
+        max_batch=max_batch,
+        window_s=window_s,
+        window_overlap_s=window_overlap_s,
+    )
