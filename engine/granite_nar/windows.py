@@ -24,6 +24,8 @@ def plan_windows(n_samples: int, window: int, overlap: int) -> list[tuple[int, i
 
 def owned_ranges(ranges: Sequence[tuple[int, int]]) -> list[tuple[float, float]]:
     """The part of the timeline each window answers for: cuts at the middle of each overlap."""
+    if not ranges:
+        return []
     cuts = [
         (a_end + b_start) / 2 for (_, a_end), (b_start, _) in zip(ranges, ranges[1:], strict=False)
     ]
