@@ -1,0 +1,187 @@
+"""The `streamscribe` command: transcribe files, print the effective configuration.
+
+Exit status: 0 success, 1 some input file could not be read, 2 bad usage, configuration or
+model, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import yaml
+from tqdm import tqdm
+
+from engine.api import Engine, Hypothesis, ModelLoadError, Segment
+from streaming.config import Config, ConfigError, load_config
+from streaming.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_UNREADABLE = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# A batch keeps files in the order given: each is read audio, or the reason it could not be read.
+Batch = list[tuple[str, "Segment | str"]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamscribe", description="Real-time speech-to-text: server and tools."
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML settings file (default: $STREAMSCRIBE_CONFIG)"
+    )
+    parser.add_argument(
+        "--log-level", metavar="LEVEL", help="debug, info, warning or error (logging.level)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    transcribe = commands.add_parser(
+        "transcribe", help="transcribe audio files (WAV, FLAC) and print the text"
+    )
+    transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files to transcribe")
+    transcribe.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="auto, granite-nar, whisper, a folder or a hub id (engine.model)",
+    )
+    transcribe.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
+    transcribe.add_argument(
+        "--batch", type=int, metavar="N", help="most files per engine call (engine.max_batch)"
+    )
+    transcribe.add_argument(
+        "--json", action="store_true", help="one JSON object per file with words and times"
+    )
+    transcribe.add_argument(
+        "--progress", action="store_true", help="show a progress bar even when not on a terminal"
+    )
+    transcribe.set_defaults(run=_transcribe)
+
+    config = commands.add_parser("config", help="print the effective configuration as YAML")
+    config.set_defaults(run=_print_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and of `python -m streaming`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"streamscribe: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _configure(args: argparse.Namespace, overrides: Mapping[str, object]) -> Config:
+    cfg = load_config(args.config, overrides={"logging.level": args.log_level, **overrides})
+    setup_logging(cfg.logging)
+    return cfg
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    cfg = _configure(args, {})
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return EXIT_OK
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    cfg = _configure(
+        args,
+        {"engine.model": args.model, "engine.device": args.device, "engine.max_batch": args.batch},
+    )
+    # Imported here so that commands which need no model stay light.
+    from engine import selection
+    from streaming.audiofile import AudioFileError, read_audio
+
+    def read(path: str) -> Segment | str:
+        try:
+            audio, sample_rate = read_audio(path)
+        except AudioFileError as exc:
+            return str(exc)
+        return Segment(audio=audio, sample_rate=sample_rate)
+
+    started = time.monotonic()
+    engine = selection.load_engine(**dataclasses.asdict(cfg.engine))
+    log.info(
+        "engine loaded",
+        extra={
+            "family": engine.family,
+            "device": engine.device,
+            "load_s": round(time.monotonic() - started, 2),
+        },
+    )
+    show_bar = args.progress or (len(args.files) >= 2 and sys.stderr.isatty())
+    unreadable = 0
+    with tqdm(total=len(args.files), unit="file", file=sys.stderr, disable=not show_bar) as bar:
+        for batch in _batches(args.files, read, cfg.engine.max_batch):
+            for path, result in _run_batch(engine, batch):
+                if isinstance(result, Hypothesis):
+                    _write_result(path, result, args.json, several=len(args.files) > 1)
+                else:
+                    unreadable += 1
+                    _write_error(path, result, args.json)
+                bar.update()
+            sys.stdout.flush()
+    return EXIT_UNREADABLE if unreadable else EXIT_OK
+
+
+def _batches(
+    paths: Sequence[str], read: Callable[[str], Segment | str], max_batch: int
+) -> Iterator[Batch]:
+    """Read files lazily, yielding as soon as `max_batch` of them hold audio."""
+    batch: Batch = []
+    readable = 0
+    for path in paths:
+        item = read(path)
+        batch.append((path, item))
+        readable += isinstance(item, Segment)
+        if readable == max_batch:
+            yield batch
+            batch, readable = [], 0
+    if batch:
+        yield batch
+
+
+def _run_batch(engine: Engine, batch: Batch) -> list[tuple[str, Hypothesis | str]]:
+    """One engine call for the batch's audio; results back in the files' order."""
+    segments = [item for _, item in batch if isinstance(item, Segment)]
+    started = time.monotonic()
+    hypotheses = list(engine.transcribe(segments)) if segments else []
+    if len(hypotheses) != len(segments):
+        raise RuntimeError(
+            f"engine returned {len(hypotheses)} hypotheses for {len(segments)} segments"
+        )
+    log.debug(
+        "batch transcribed",
+        extra={
+            "segments": len(segments),
+            "audio_s": round(sum(len(s.audio) / s.sample_rate for s in segments), 2),
+            "compute_s": round(time.monotonic() - started, 3),
+        },
+    )
+    found = iter(hypotheses)
+    return [(path, next(found) if isinstance(item, Segment) else item) for path, item in batch]
+
+
+def _write_result(path: str, hyp: Hypothesis, as_json: bool, several: bool) -> None:
+    if as_json:
+        line = json.dumps({"file": path, **hyp.to_dict()}, ensure_ascii=False)
+    else:
+        line = f"{path}: {hyp.text}" if several else hyp.text
+    tqdm.write(line, file=sys.stdout)
+
+
+def _write_error(path: str, reason: str, as_json: bool) -> None:
+    tqdm.write(f"streamscribe: {reason}", file=sys.stderr)  # the reason names the file
+    if as_json:
+        tqdm.write(json.dumps({"file": path, "error": reason}, ensure_ascii=False), file=sys.stdout)

@@ -1,0 +1,308 @@
+"""Typed settings: dataclass defaults < YAML file < STREAMSCRIBE_* environment < flags.
+
+Each setting is declared once, as a field of a frozen section dataclass with its limits in the
+field metadata (see `setting`), so one generic loader validates every section and every error
+names the dotted key, the bad value and where that value came from. A new section is one
+dataclass plus one field of `Config` (and its block in config.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+import yaml
+
+ENV_PREFIX = "STREAMSCRIBE_"
+CONFIG_ENV = "STREAMSCRIBE_CONFIG"
+DEFAULT_SOURCE = "default"
+OVERRIDE_SOURCE = "command line"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or invalid; the message says which, where from, and what is valid."""
+
+
+def setting(
+    default: Any,
+    *,
+    choices: tuple[str, ...] | None = None,
+    pattern: str | None = None,
+    expect: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    below: str | None = None,
+) -> Any:
+    """A section field whose limits live next to its default, for the generic validator.
+
+    `choices` match case-insensitively; `pattern` must match the whole value and `expect` says in
+    words what it accepts; `ge`/`gt` bound numbers; `below` names a field of the same section
+    that this value must stay under.
+    """
+    limits = {
+        "choices": choices,
+        "pattern": pattern,
+        "expect": expect,
+        "ge": ge,
+        "gt": gt,
+        "below": below,
+    }
+    return dataclasses.field(
+        default=default, metadata={k: v for k, v in limits.items() if v is not None}
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which model to load and how to feed it (the keywords of engine.selection.load_engine)."""
+
+    model: str = "auto"
+    granite_nar_model: str = "ibm-granite/granite-speech-4.1-2b-nar"
+    whisper_model: str = "tiny.en"
+    device: str = setting(
+        "auto", pattern=r"auto|cpu|cuda(:\d+)?", expect="auto, cpu, cuda or cuda:N"
+    )
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    max_batch: int = setting(16, ge=1)
+    window_s: float = setting(30.0, gt=0)
+    window_overlap_s: float = setting(5.0, ge=0, below="window_s")
+    hub_timeout_s: float = setting(10.0, gt=0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """How much the process logs and in which shape (quiet JSON lines unless asked otherwise)."""
+
+    level: str = setting("warning", choices=("debug", "info", "warning", "error"))
+    format: str = setting("json", choices=("json", "text"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings, one attribute per section."""
+
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dicts, e.g. for printing the effective configuration as YAML."""
+        return dataclasses.asdict(self)
+
+
+def parse_bool(text: str) -> bool:
+    """The one boolean spelling used everywhere: true/false in any case, or 1/0."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValueError(f"expected true or false (or 1/0), got {text!r}")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the effective Config; raise ConfigError on any unknown or invalid setting.
+
+    `path` defaults to $STREAMSCRIBE_CONFIG (no file when unset); `env` defaults to os.environ;
+    `overrides` maps dotted keys ("engine.model") to values, and None values are ignored.
+    """
+    env = os.environ if env is None else env
+    sections = get_type_hints(Config)
+    chosen: dict[str, dict[str, tuple[Any, str]]] = {
+        name: {f.name: (f.default, DEFAULT_SOURCE) for f in dataclasses.fields(cls)}
+        for name, cls in sections.items()
+    }
+    file = path if path is not None else env.get(CONFIG_ENV) or None
+    layers = []
+    if file is not None:
+        layers.append(_file_layer(file, sections))
+    layers.append(_env_layer(env, sections))
+    layers.append(
+        [
+            (key, value, OVERRIDE_SOURCE)
+            for key, value in (overrides or {}).items()
+            if value is not None
+        ]
+    )
+    for layer in layers:
+        for key, raw, source in layer:
+            section, name = _resolve(key, source, sections)
+            field = next(f for f in dataclasses.fields(sections[section]) if f.name == name)
+            hint = get_type_hints(sections[section])[name]
+            chosen[section][name] = (_convert(key, raw, hint, field.metadata, source), source)
+    return Config(**{name: _build(name, cls, chosen[name]) for name, cls in sections.items()})
+
+
+def _file_layer(
+    path: str | os.PathLike[str], sections: Mapping[str, type]
+) -> list[tuple[str, object, str]]:
+    source = f"file {os.fspath(path)}"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {os.fspath(path)} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {os.fspath(path)} is not valid YAML{_where(exc)}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {data!r}")
+    entries = []
+    for section, values in data.items():
+        if section not in sections:
+            _resolve(str(section), source, sections)  # raises, naming the valid sections
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{section} (from {source}): expected a mapping of settings, got {values!r}"
+            )
+        entries += [(f"{section}.{key}", value, source) for key, value in values.items()]
+    return entries
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    """Line, column and problem of a YAML error on one line (PyYAML's own text spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f": {exc}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', exc)}"
+
+
+def _env_layer(env: Mapping[str, str], sections: Mapping[str, type]) -> list[tuple[str, str, str]]:
+    entries = []
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+            continue
+        rest = var[len(ENV_PREFIX) :]
+        if "__" in rest:
+            section, key = rest.split("__", 1)
+            entries.append(
+                (f"{section.lower()}.{key.lower()}", value, f"environment variable {var}")
+            )
+            continue
+        # STREAMSCRIBE_ENGINE_MODEL is a near-certain typo; other STREAMSCRIBE_* names are not ours.
+        for section in sections:
+            if rest.upper().startswith(section.upper() + "_"):
+                fixed = f"{ENV_PREFIX}{section.upper()}__{rest[len(section) + 1 :]}"
+                raise ConfigError(
+                    f"environment variable {var} is not a setting: section and key "
+                    f"are separated by two underscores (did you mean {fixed}?)"
+                )
+    return entries
+
+
+def _resolve(key: str, source: str, sections: Mapping[str, type]) -> tuple[str, str]:
+    section, _, name = key.partition(".")
+    if section not in sections:
+        raise ConfigError(
+            f"unknown setting {key} (from {source}): there is no section {section!r}; "
+            f"valid sections: {', '.join(sections)}{_suggest(section, sections)}"
+        )
+    names = [f.name for f in dataclasses.fields(sections[section])]
+    if name not in names:
+        raise ConfigError(
+            f"unknown setting {key} (from {source}); valid keys in {section}: "
+            f"{', '.join(names)}{_suggest(name, names, prefix=f'{section}.')}"
+        )
+    return section, name
+
+
+def _suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _convert(key: str, raw: object, hint: type, limits: Mapping[str, Any], source: str) -> Any:
+    """Turn a raw value (typed from YAML/code, or text from env/flags) into a checked one."""
+    try:
+        value = _coerce(raw, hint)
+        return _check(value, limits)
+    except ValueError:
+        raise ConfigError(
+            f"{key} = {raw!r} (from {source}): expected {_describe(hint, limits)}"
+        ) from None
+
+
+def _coerce(raw: object, hint: type) -> Any:
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        if isinstance(raw, str):
+            return parse_bool(raw)
+    elif hint is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            return int(raw.strip())
+    elif hint is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        elif isinstance(raw, str):
+            value = float(raw.strip())
+        else:
+            raise ValueError(raw)
+        if math.isfinite(value):
+            return value
+    elif hint is str and isinstance(raw, str):
+        return raw
+    raise ValueError(raw)
+
+
+def _check(value: Any, limits: Mapping[str, Any]) -> Any:
+    if "choices" in limits:
+        canonical = {choice.lower(): choice for choice in limits["choices"]}
+        if value.lower() not in canonical:
+            raise ValueError(value)
+        value = canonical[value.lower()]
+    if "pattern" in limits and not re.fullmatch(limits["pattern"], value):
+        raise ValueError(value)
+    if "ge" in limits and not value >= limits["ge"]:
+        raise ValueError(value)
+    if "gt" in limits and not value > limits["gt"]:
+        raise ValueError(value)
+    return value
+
+
+def _describe(hint: type, limits: Mapping[str, Any]) -> str:
+    if "choices" in limits:
+        return "one of " + ", ".join(limits["choices"])
+    if "expect" in limits:
+        return limits["expect"]
+    kind = {bool: "true or false (or 1/0)", int: "an integer", float: "a number", str: "a string"}[
+        hint
+    ]
+    bounds = [
+        f">= {limits['ge']}" if "ge" in limits else "",
+        f"> {limits['gt']}" if "gt" in limits else "",
+    ]
+    return " ".join([kind, *filter(None, bounds)])
+
+
+def _build(section: str, cls: type, chosen: Mapping[str, tuple[Any, str]]) -> Any:
+    """Check limits between fields of one section, then construct it."""
+    for field in dataclasses.fields(cls):
+        other = field.metadata.get("below")
+        if other is None:
+            continue
+        (value, source), (limit, limit_source) = chosen[field.name], chosen[other]
+        if not value < limit:
+            raise ConfigError(
+                f"{section}.{field.name} = {value!r} (from {source}) must be below "
+                f"{section}.{other} = {limit!r} (from {limit_source})"
+            )
+    return cls(**{name: value for name, (value, _) in chosen.items()})
