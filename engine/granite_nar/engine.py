@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,28 @@ SILENCE_PEAK = 1e-4  # below -80 dBFS nothing can be speech: answer empty withou
 POSITIONS_PER_SECOND = 10 + 2 * 12.5
 
 
+class StageClock:
+    """Seconds spent per stage, for benchmarks; off by default (timing a GPU stage needs a
+    synchronisation that would otherwise slow the pipeline)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str, device: torch.device) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[stage] += time.perf_counter() - start
+
+
 class GraniteNarEngine:
     family = "granite-nar"
 
@@ -47,6 +72,7 @@ class GraniteNarEngine:
         self.tokenizer = tokenizer
         self.device = str(model.device)
         self.max_batch = max_batch
+        self.clock = StageClock()
         cfg = model.cfg
         self.blank = cfg.blank_token_id
         limit_s = (cfg.text.max_position_embeddings - 2) / POSITIONS_PER_SECOND
@@ -93,35 +119,39 @@ class GraniteNarEngine:
         return hypotheses
 
     def _run_batch(self, waves: list[np.ndarray], edit: bool) -> list[list[tuple[Word, list[int]]]]:
-        model = self.model
-        features, lengths_t = nar_features(waves, device=model.device)
-        lengths = lengths_t.tolist()
-        encoded = model.encode(features, with_taps=edit)
-        drafts = model.ctc_draft(encoded, lengths)
-        spans = [
-            draft_spans(d.window_ids.tolist(), d.window_probs.tolist(), self.blank) for d in drafts
-        ]
-        if edit:
-            slots = [
-                build_slots(
-                    [s.token_id for s in sp], self.blank, model.cfg.min_edit_sequence_length
-                )
-                for sp in spans
-            ]
-            outputs = model.edit(
-                model.audio_embeddings(encoded, lengths),
-                [torch.tensor(s, device=model.device) for s in slots],
-            )
+        model, clock, device = self.model, self.clock, self.model.device
+        with clock("features", device):
+            features, lengths_t = nar_features(waves, device=device)
+            lengths = lengths_t.tolist()
+        with clock("encoder", device):
+            encoded = model.encode(features, with_taps=edit)
+            drafts = model.ctc_draft(encoded, lengths)
             spans = [
-                editor_spans(
-                    out.slot_ids.tolist(),
-                    out.slot_probs.tolist(),
-                    slot_times(sp, len(s), len(w) * 1000 // TARGET_SAMPLE_RATE),
-                    self.blank,
-                )
-                for out, sp, s, w in zip(outputs, spans, slots, waves, strict=True)
+                draft_spans(d.window_ids.tolist(), d.window_probs.tolist(), self.blank)
+                for d in drafts
             ]
-        return [group_words(sp, self.decode, self.special) for sp in spans]
+        if edit:
+            with clock("projector", device):
+                audio = model.audio_embeddings(encoded, lengths)
+            with clock("editor", device):
+                slots = [
+                    build_slots(
+                        [s.token_id for s in sp], self.blank, model.cfg.min_edit_sequence_length
+                    )
+                    for sp in spans
+                ]
+                outputs = model.edit(audio, [torch.tensor(s, device=device) for s in slots])
+                spans = [
+                    editor_spans(
+                        out.slot_ids.tolist(),
+                        out.slot_probs.tolist(),
+                        slot_times(sp, len(s), len(w) * 1000 // TARGET_SAMPLE_RATE),
+                        self.blank,
+                    )
+                    for out, sp, s, w in zip(outputs, spans, slots, waves, strict=True)
+                ]
+        with clock("words", device):
+            return [group_words(sp, self.decode, self.special) for sp in spans]
 
     def _hypothesis(self, kept: list[tuple[Word, list[int]]], n_samples: int) -> Hypothesis:
         words = [w for w, _ in kept]
