@@ -105,3 +105,48 @@ def test_unreachable_hub_fails_fast():
     with pytest.raises(ModelLoadError):
         load_engine("nobody-here/no-such-model", device="cpu", hub_timeout_s=2.0)
     assert time.monotonic() - start < 15
+
+
+def test_from_pretrained_loads_folder_with_tokenizer(tiny_checkpoint):
+    from engine.granite_nar.engine import GraniteNarEngine
+
+    engine = GraniteNarEngine.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32")
+    assert engine.family == "granite-nar" and engine.device == "cpu"
+    assert engine.tokenizer.token_to_id("<|end_of_text|>") == engine.blank
+
+
+def test_cli_transcribes_with_the_tiny_checkpoint(tmp_path, tiny_checkpoint, tiny_engine):
+    import json
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    audio = noise(2.0, seed=7)
+    path = tmp_path / "clip.wav"
+    sf.write(path, audio, RATE, subtype="FLOAT")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streaming",
+            "transcribe",
+            "--model",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    (line,) = out.stdout.splitlines()
+    record = json.loads(line)
+    (expected,) = tiny_engine.transcribe([Segment(audio)])
+    assert record["file"] == str(path)
+    assert record["text"] == expected.text
+    assert [w["word"] for w in record["words"]] == [w.word for w in expected.words]
+    assert {"start_ms", "end_ms", "confidence"} <= set(record["words"][0])

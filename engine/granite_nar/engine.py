@@ -85,6 +85,13 @@ class GraniteNarEngine:
             if added.special
         }
 
+    @classmethod
+    def from_pretrained(
+        cls, path_or_hub_id: str, device: str = "auto", dtype: str = "auto", **options
+    ) -> GraniteNarEngine:
+        """Model and tokenizer from a checkpoint folder or a hub id (see `load_engine`)."""
+        return load_engine(path_or_hub_id, device=device, dtype=dtype, **options)
+
     def draft(self, segments: Sequence[Segment]) -> list[Hypothesis]:
         return self._recognise(segments, edit=False)
 
