@@ -1,0 +1,186 @@
+"""The batching worker: priorities, superseding, shedding, failures, draining."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.api import Hypothesis, Segment
+from engine.scheduler import Request, Scheduler, SchedulerConfig
+
+
+class FakeEngine:
+    """Answers with the segment length; records every batch; can fail or be slow."""
+
+    family, device = "fake", "cpu"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self.delay = delay
+        self.fail_on: set[int] = set()  # segment lengths that make a batch raise
+
+    def _answer(self, kind: str, segments) -> list[Hypothesis]:
+        lengths = [len(s.audio) for s in segments]
+        self.calls.append((kind, lengths))
+        time.sleep(self.delay)
+        if self.fail_on & set(lengths):
+            raise RuntimeError("boom")
+        return [Hypothesis(text=f"{kind}:{n}") for n in lengths]
+
+    def draft(self, segments):
+        return self._answer("draft", segments)
+
+    def transcribe(self, segments):
+        return self._answer("transcribe", segments)
+
+
+def seg(n: int) -> Segment:
+    return Segment(np.zeros(n, dtype=np.float32))
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outcomes = []
+        self.lock = threading.Lock()
+
+    def __call__(self, outcome) -> None:
+        with self.lock:
+            self.outcomes.append(outcome)
+
+    def by_status(self, status: str):
+        return [o for o in self.outcomes if o.status == status]
+
+
+@pytest.fixture
+def setup():
+    engine = FakeEngine()
+    sched = Scheduler(engine, SchedulerConfig(max_batch=3, max_wait_ms=0))
+    return engine, sched, Collector()
+
+
+def test_finals_go_before_partials(setup):
+    engine, sched, done = setup
+    sched.submit(Request("partial", "a", seg(100), done))
+    sched.submit(Request("final", "b", seg(200), done))
+    sched.submit(Request("partial", "c", seg(300), done))
+    while sched.run_once():
+        pass
+    assert engine.calls == [("transcribe", [200]), ("draft", [100, 300])]
+    assert sorted(o.hypothesis.text for o in done.by_status("done")) == [
+        "draft:100",
+        "draft:300",
+        "transcribe:200",
+    ]
+
+
+def test_superseded_partial_is_dropped_not_computed(setup):
+    engine, sched, done = setup
+    sched.submit(Request("partial", "a", seg(100), done))
+    sched.submit(Request("partial", "a", seg(150), done))
+    sched.run_once()
+    assert engine.calls == [("draft", [150])]
+    (dropped,) = done.by_status("dropped")
+    assert dropped.reason == "superseded" and len(dropped.request.segment.audio) == 100
+    assert sched.stats.dropped == {"superseded": 1}
+
+
+def test_final_drops_pending_partial_of_its_segment(setup):
+    engine, sched, done = setup
+    sched.submit(Request("partial", "a", seg(100), done))
+    sched.submit(Request("final", "a", seg(120), done))
+    while sched.run_once():
+        pass
+    assert engine.calls == [("transcribe", [120])]
+    assert [o.reason for o in done.by_status("dropped")] == ["final"]
+
+
+def test_batch_limits_count_and_audio():
+    engine = FakeEngine()
+    sched = Scheduler(engine, SchedulerConfig(max_batch=2, max_batch_audio_s=1.0, max_wait_ms=0))
+    done = Collector()
+    for n in (6000, 6000, 6000, 16000, 100):
+        sched.submit(Request("final", n, seg(n), done))
+    while sched.run_once():
+        pass
+    # 2 per batch at most; 6000+6000 = 0.75 s fits, 6000 + 16000 > 1 s does not.
+    assert engine.calls == [
+        ("transcribe", [6000, 6000]),
+        ("transcribe", [6000]),
+        ("transcribe", [16000]),
+        ("transcribe", [100]),
+    ]
+    assert len(done.by_status("done")) == 5
+
+
+def test_a_failing_batch_fails_only_its_requests(setup):
+    engine, sched, done = setup
+    engine.fail_on = {666}
+    sched.submit(Request("final", "x", seg(666), done))
+    sched.submit(Request("final", "y", seg(1), done))
+    sched.config = SchedulerConfig(max_batch=1, max_wait_ms=0)
+    sched.submit(Request("final", "z", seg(2), done))
+    while sched.run_once():
+        pass
+    failed = done.by_status("failed")
+    assert [len(o.request.segment.audio) for o in failed] == [666]
+    assert "RuntimeError: boom" in failed[0].reason
+    assert sorted(o.hypothesis.text for o in done.by_status("done")) == [
+        "transcribe:1",
+        "transcribe:2",
+    ]
+    assert sched.stats.failed == 1
+
+
+def test_stale_partials_are_shed(setup):
+    engine, sched, done = setup
+    sched.config = SchedulerConfig(max_batch=3, max_wait_ms=0, partial_deadline_ms=1)
+    sched.submit(Request("partial", "a", seg(100), done))
+    time.sleep(0.01)
+    sched.run_once()
+    assert engine.calls == []
+    assert [o.reason for o in done.by_status("dropped")] == ["deadline"]
+
+
+def test_partial_queue_is_bounded(setup):
+    engine, sched, done = setup
+    sched.config = SchedulerConfig(max_partials=2)
+    for key in "abc":
+        sched.submit(Request("partial", key, seg(10), done))
+    assert sched.queue_lengths() == {"final": 0, "partial": 2}
+    assert done.by_status("dropped")[0].request.key == "a"
+
+
+def test_backlog_reports_lag_and_queued_audio(setup):
+    _, sched, done = setup
+    sched.submit(Request("final", "a", seg(16000), done))
+    sched.submit(Request("partial", "b", seg(8000), done))
+    time.sleep(0.02)
+    lag, queued = sched.backlog()
+    assert lag >= 20 and queued == pytest.approx(1500)
+
+
+def test_worker_thread_batches_across_threads_and_drains_on_stop():
+    engine = FakeEngine(delay=0.005)
+    sched = Scheduler(engine, SchedulerConfig(max_batch=8, max_wait_ms=5))
+    done = Collector()
+    sched.start()
+
+    def client(i: int) -> None:
+        for j in range(10):
+            sched.submit(Request("partial", (i, j), seg(10 + j), done))
+            sched.submit(Request("final", (i, j), seg(100 + j), done))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sched.stop(timeout=10)
+    finals = [o for o in done.outcomes if o.request.kind == "final"]
+    assert len(finals) == 80 and all(o.status == "done" for o in finals)
+    assert len(done.outcomes) == 160  # every partial was computed or dropped, none forgotten
+    assert max(len(lengths) for _, lengths in engine.calls) > 1  # requests were batched
+    assert all(o.queue_ms >= 0 and o.compute_ms > 0 for o in finals)
