@@ -37,13 +37,15 @@ def setting(
     expect: str | None = None,
     ge: float | None = None,
     gt: float | None = None,
+    le: float | None = None,
+    allowed: tuple[Any, ...] | None = None,
     below: str | None = None,
 ) -> Any:
     """A section field whose limits live next to its default, for the generic validator.
 
     `choices` match case-insensitively; `pattern` must match the whole value and `expect` says in
-    words what it accepts; `ge`/`gt` bound numbers; `below` names a field of the same section
-    that this value must stay under.
+    words what it accepts; `ge`/`gt`/`le` bound numbers; `allowed` lists the only valid numbers;
+    `below` names a field of the same section that this value must stay under.
     """
     limits = {
         "choices": choices,
@@ -51,6 +53,8 @@ def setting(
         "expect": expect,
         "ge": ge,
         "gt": gt,
+        "le": le,
+        "allowed": allowed,
         "below": below,
     }
     return dataclasses.field(
@@ -76,6 +80,53 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """How requests from all sessions are batched for the model (see engine/scheduler.py)."""
+
+    max_wait_ms: float = setting(10.0, ge=0)
+    max_batch_audio_s: float = setting(240.0, gt=0)
+    partial_deadline_ms: float = setting(1000.0, gt=0)
+    max_partials: int = setting(4096, ge=1)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The WebSocket gateway: address, capacity and limits per connection."""
+
+    host: str = "127.0.0.1"
+    port: int = setting(8765, ge=0, le=65535)
+    max_sessions: int = setting(200, ge=1)
+    max_frame_bytes: int = setting(1048576, ge=1024)
+    idle_timeout_s: float = setting(30.0, gt=0)
+    max_session_s: float = setting(14400.0, gt=0)
+    drain_grace_s: float = setting(30.0, ge=0)
+    max_pending_finals: int = setting(8, ge=1)
+    status_lag_ms: float = setting(1000.0, gt=0)
+    api_keys: str = ""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Defaults of every stream; a client may override them per session."""
+
+    encoding: str = setting("pcm_s16le", choices=("pcm_s16le", "pcm_f32le", "mulaw", "alaw"))
+    sample_rate: int = setting(16000, allowed=(8000, 16000, 22050, 24000, 32000, 44100, 48000))
+    channels: int = setting(1, allowed=(1, 2))
+    language: str = "en"
+    interim_results: bool = True
+    partial_interval_ms: int = setting(400, ge=100)
+    vad_frame_ms: int = setting(20, allowed=(10, 20, 30))
+    vad_aggressiveness: int = setting(2, allowed=(0, 1, 2, 3))
+    speech_pad_ms: int = setting(300, ge=0, le=2000)
+    hangover_ms: int = setting(500, ge=100, le=5000)
+    min_segment_ms: int = setting(250, ge=0)
+    max_segment_ms: int = setting(15000, ge=1000, le=60000)
+    energy_gate_dbfs: float = setting(-45.0, le=0)
+    stable_agreement: int = setting(2, ge=1)
+    stable_settle_ms: int = setting(1200, ge=0)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """How much the process logs and in which shape (quiet JSON lines unless asked otherwise)."""
 
@@ -88,6 +139,9 @@ class Config:
     """All settings, one attribute per section."""
 
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    session: SessionConfig = dataclasses.field(default_factory=SessionConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -140,6 +194,23 @@ def load_config(
             hint = get_type_hints(sections[section])[name]
             chosen[section][name] = (_convert(key, raw, hint, field.metadata, source), source)
     return Config(**{name: _build(name, cls, chosen[name]) for name, cls in sections.items()})
+
+
+def override_section(section: str, base: Any, values: Mapping[str, object], source: str) -> Any:
+    """`base` (a section instance) with `values` applied, validated like the config file; used
+    for per-session options sent by clients. Raises ConfigError naming the bad key."""
+    cls = type(base)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    chosen = {name: (getattr(base, name), DEFAULT_SOURCE) for name in fields}
+    for name, raw in values.items():
+        if name not in fields:
+            raise ConfigError(
+                f"unknown option {name!r} (from {source}); valid options: "
+                f"{', '.join(fields)}{_suggest(name, fields)}"
+            )
+        chosen[name] = (_convert(name, raw, hints[name], fields[name].metadata, source), source)
+    return _build(section, cls, chosen)
 
 
 def _file_layer(
@@ -275,12 +346,18 @@ def _check(value: Any, limits: Mapping[str, Any]) -> Any:
         raise ValueError(value)
     if "gt" in limits and not value > limits["gt"]:
         raise ValueError(value)
+    if "le" in limits and not value <= limits["le"]:
+        raise ValueError(value)
+    if "allowed" in limits and value not in limits["allowed"]:
+        raise ValueError(value)
     return value
 
 
 def _describe(hint: type, limits: Mapping[str, Any]) -> str:
     if "choices" in limits:
         return "one of " + ", ".join(limits["choices"])
+    if "allowed" in limits:
+        return "one of " + ", ".join(str(v) for v in limits["allowed"])
     if "expect" in limits:
         return limits["expect"]
     kind = {bool: "true or false (or 1/0)", int: "an integer", float: "a number", str: "a string"}[
@@ -289,6 +366,7 @@ def _describe(hint: type, limits: Mapping[str, Any]) -> str:
     bounds = [
         f">= {limits['ge']}" if "ge" in limits else "",
         f"> {limits['gt']}" if "gt" in limits else "",
+        f"<= {limits['le']}" if "le" in limits else "",
     ]
     return " ".join([kind, *filter(None, bounds)])
 

@@ -101,7 +101,10 @@ def test_unknown_key_names_the_key_lists_the_section_and_suggests(tmp_path):
 
 
 def test_unknown_section_suggests_the_closest():
-    with pytest.raises(ConfigError, match=r"engin\.model.*valid sections: engine, logging") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"engin\.model.*valid sections: engine, scheduler, server, session, logging",
+    ) as err:
         load_config(env={}, overrides={"engin.model": "x"})
     assert "did you mean engine?" in str(err.value)
 
@@ -218,3 +221,22 @@ def test_to_dict_is_plain_nested_data():
     data = Config().to_dict()
     assert data["engine"]["max_batch"] == 16
     assert data["logging"] == {"level": "warning", "format": "json"}
+
+
+def test_session_options_override_validates_like_the_file():
+    from streaming.config import SessionConfig, override_section
+
+    base = SessionConfig()
+    opts = override_section(
+        "session",
+        base,
+        {"sample_rate": "8000", "encoding": "MULAW", "interim_results": "false"},
+        "query string",
+    )
+    assert (opts.sample_rate, opts.encoding, opts.interim_results) == (8000, "mulaw", False)
+    with pytest.raises(ConfigError, match=r"sample_rate = 11025 \(from query string\).*8000"):
+        override_section("session", base, {"sample_rate": 11025}, "query string")
+    with pytest.raises(ConfigError, match="unknown option 'hangover'.*did you mean hangover_ms"):
+        override_section("session", base, {"hangover": 3}, "session.start")
+    with pytest.raises(ConfigError, match="channels"):
+        override_section("session", base, {"channels": 3}, "session.start")
