@@ -138,6 +138,11 @@ class StabilityTracker:
         self._rev = 0
         self._closed = False
 
+    @property
+    def stable(self) -> list[Word]:
+        """The words committed so far (they never change)."""
+        return list(self._stable)
+
     def update(self, words: Sequence[Word], audio_ms: int) -> Partial:
         """Take a new hypothesis of the whole segment so far, covering `audio_ms` of audio."""
         self._check_open()

@@ -1,0 +1,294 @@
+"""One WebSocket connection driven through its dialect and session core.
+
+The asyncio edge: reads frames, turns them into session calls through the dialect, sends the
+session's events back through the dialect, and hands engine requests to the scheduler. Results
+come back from the scheduler's thread through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from engine.api import Segment
+from engine.scheduler import Outcome, Request, Scheduler
+from streaming.config import Config, ConfigError, override_section
+from streaming.dialects.base import (
+    Audio,
+    Close,
+    Command,
+    Configure,
+    Dialect,
+    Finalize,
+    KeepAlive,
+    Reject,
+    Update,
+)
+from streaming.events import EngineRequest, ErrorEvent, FinalTranscript, PartialTranscript
+from streaming.metrics import Metrics
+from streaming.session import Output, Session
+from streaming.stability import StabilityConfig
+
+log = logging.getLogger("streaming.gateway")
+
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN = 1000, 1001, 1008, 1013
+CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE = 4001, 4002
+STATUS_EVERY_S = 1.0
+DRAIN_READ_S = 0.5  # on shutdown, frames already sent are still read for this long
+
+
+class Connection:
+    def __init__(
+        self,
+        ws: ServerConnection,
+        dialect: Dialect,
+        query: Mapping[str, str],
+        config: Config,
+        scheduler: Scheduler,
+        metrics: Metrics,
+    ) -> None:
+        self.ws = ws
+        self.dialect = dialect
+        self.query = query
+        self.config = config
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.id = uuid.uuid4().hex
+        self.session: Session | None = None
+        self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
+        self.progress = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.audio_seen = False
+        self.drain_at: float | None = None
+        self.last_status = 0.0
+        self.first_partial_sent: set[tuple[int, int]] = set()
+        self.loop = asyncio.get_running_loop()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except ConnectionClosed:
+            pass  # abrupt disconnect: nothing to send any more
+        finally:
+            self._abandon()
+            self.finished.set()
+
+    async def _run(self) -> None:
+        opening = self.dialect.opening(self.query)
+        try:
+            options = override_section(
+                "session", self.config.session, opening.options, "query string"
+            )
+        except ConfigError as err:
+            await self._fail("invalid_config", str(err), CLOSE_BAD_CONFIG)
+            return
+        self.session = Session(self.id, options)
+        self.session.hotwords = opening.hotwords
+        results = asyncio.create_task(self._deliver_results())
+        try:
+            await self._emit(self.session.start())
+            await self._read()
+            await self._wait_closed()
+            if self.session.closed:
+                await self.ws.close(CLOSE_NORMAL if self.drain_at is None else CLOSE_GOING_AWAY)
+        finally:
+            results.cancel()
+
+    async def drain(self, grace_s: float) -> None:
+        """Server shutdown: read what the client already sent, flush, deliver the last finals,
+        then close with 1001 (or 1013 if the grace period runs out first)."""
+        self.drain_at = time.monotonic() + min(DRAIN_READ_S, grace_s)
+        try:
+            await asyncio.wait_for(self.finished.wait(), grace_s)
+        except TimeoutError:
+            await self.ws.close(CLOSE_TRY_AGAIN, "server shutting down")
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        server = self.config.server
+        ends = time.monotonic() + server.max_session_s
+        session = self.session
+        while session.state == "open":
+            now = time.monotonic()
+            timeout = min(server.idle_timeout_s, ends - now)
+            if self.drain_at is not None:
+                timeout = min(timeout, self.drain_at - now)
+            try:
+                message = await asyncio.wait_for(self.ws.recv(), max(timeout, 0.001))
+            except TimeoutError:
+                if self.drain_at is not None and time.monotonic() >= self.drain_at:
+                    await self._emit(session.close("shutdown"))
+                    return
+                idle = time.monotonic() < ends
+                code = "idle_timeout" if idle else "max_duration"
+                text = (
+                    f"no message for {server.idle_timeout_s:g} s"
+                    if idle
+                    else f"stream longer than {server.max_session_s:g} s"
+                )
+                await self._emit([ErrorEvent(code, text)])
+                await self._emit(session.close(code))
+                return
+            commands = (
+                self.dialect.on_binary(message)
+                if isinstance(message, bytes)
+                else self.dialect.on_text(message)
+            )
+            for command in commands:
+                if not await self._apply(command):
+                    return
+                session = self.session
+            while session.pending_finals >= server.max_pending_finals:
+                self.progress.clear()  # backpressure: stop reading until finals come back
+                await self.progress.wait()
+
+    async def _apply(self, command: Command) -> bool:
+        """Carry out one command; False when the connection must stop reading."""
+        session = self.session
+        if isinstance(command, Audio):
+            self.audio_seen = True
+            before = session.audio_ms
+            outputs = session.feed_audio(command.data)
+            self.metrics.audio_seconds.inc((session.audio_ms - before) / 1000)
+            await self._emit(outputs)
+            await self._maybe_status()
+        elif isinstance(command, Configure):
+            if self.audio_seen:
+                await self._fail(
+                    "invalid_sequence",
+                    "session.start after audio; use session.update",
+                    CLOSE_BAD_SEQUENCE,
+                )
+                return False
+            try:
+                options = override_section(
+                    "session", session.options, command.options, "session.start"
+                )
+            except ConfigError as err:
+                await self._fail("invalid_config", str(err), CLOSE_BAD_CONFIG)
+                return False
+            self.session = Session(self.id, options)
+            self.session.hotwords = command.hotwords or session.hotwords
+            await self._emit(self.session.start())
+        elif isinstance(command, Update):
+            try:
+                options = override_section(
+                    "session", session.options, command.options, "session.update"
+                )
+            except ConfigError as err:
+                await self._emit([ErrorEvent("invalid_config", str(err))])
+                return True
+            session.options = options
+            session.stability = StabilityConfig(options.stable_agreement, options.stable_settle_ms)
+            if command.hotwords is not None:
+                session.hotwords = command.hotwords
+        elif isinstance(command, Finalize):
+            await self._emit(session.finalize())
+        elif isinstance(command, Close):
+            await self._emit(session.close("client"))
+            return False
+        elif isinstance(command, Reject):
+            if command.close_code is not None:
+                await self._fail(command.code, command.message, command.close_code)
+                return False
+            await self._emit([ErrorEvent(command.code, command.message)])
+        elif not isinstance(command, KeepAlive):
+            raise TypeError(f"unknown command {command!r}")
+        return True
+
+    async def _fail(self, code: str, message: str, close_code: int) -> None:
+        self.metrics.errors.labels(code).inc()
+        for frame in self.dialect.encode(ErrorEvent(code, message, fatal=True)):
+            await self.ws.send(frame)
+        await self.ws.close(close_code, code)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    async def _emit(self, outputs: list[Output]) -> None:
+        for item in outputs:
+            if isinstance(item, EngineRequest):
+                self._submit(item)
+                continue
+            self._observe(item)
+            for frame in self.dialect.encode(item):
+                await asyncio.wait_for(self.ws.send(frame), self.config.server.idle_timeout_s)
+
+    def _observe(self, event) -> None:
+        metrics = self.metrics
+        if isinstance(event, FinalTranscript):
+            metrics.finals.inc()
+            for stage in ("endpoint_ms", "queue_ms", "compute_ms"):
+                metrics.final_latency.labels(stage[:-3]).observe(
+                    getattr(event.latency, stage) / 1000
+                )
+        elif isinstance(event, PartialTranscript):
+            metrics.partials.inc()
+            key = (event.channel, event.segment_id)
+            if key not in self.first_partial_sent and (event.stable_text or event.volatile_text):
+                self.first_partial_sent.add(key)
+                lag = max(0, self.session.audio_ms - event.start_ms) / 1000
+                metrics.first_partial_latency.observe(lag)
+        elif isinstance(event, ErrorEvent):
+            metrics.errors.labels(event.code).inc()
+
+    def _submit(self, item: EngineRequest) -> None:
+        def done(outcome: Outcome) -> None:  # on the scheduler's thread
+            self.loop.call_soon_threadsafe(self.results.put_nowait, (item, outcome))
+
+        self.scheduler.submit(
+            Request(
+                item.kind,
+                (self.id, item.channel, item.segment_id),
+                Segment(np.asarray(item.audio, dtype=np.float32), hotwords=item.hotwords),
+                done,
+            )
+        )
+
+    async def _deliver_results(self) -> None:
+        while True:
+            item, outcome = await self.results.get()
+            outputs = self.session.on_result(
+                item,
+                outcome.hypothesis,
+                error=outcome.reason,
+                queue_ms=outcome.queue_ms,
+                compute_ms=outcome.compute_ms,
+            )
+            try:
+                await self._emit(outputs)
+            except (ConnectionClosed, TimeoutError):
+                return
+            finally:
+                self.progress.set()
+
+    async def _wait_closed(self) -> None:
+        while not self.session.closed and self.session.state == "closing":
+            self.progress.clear()
+            await self.progress.wait()
+
+    async def _maybe_status(self) -> None:
+        now = time.monotonic()
+        if now - self.last_status < STATUS_EVERY_S:
+            return
+        lag_ms, queued_ms = self.scheduler.backlog()
+        if lag_ms >= self.config.server.status_lag_ms:
+            self.last_status = now
+            await self._emit(self.session.status(lag_ms, queued_ms))
+
+    def _abandon(self) -> None:
+        """Free what the connection holds: pending partials never need computing now."""
+        if self.session is None:
+            return
+        for channel in self.session.channels:
+            for segment_id in list(channel.trackers) + list(channel.partial_rev):
+                self.scheduler.cancel((self.id, channel.index, segment_id))

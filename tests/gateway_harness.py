@@ -1,0 +1,91 @@
+"""Running a gateway in-process on a loopback port for tests, with any engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import urllib.error
+import urllib.request
+
+from engine.api import Hypothesis, Word
+from streaming.config import Config
+from streaming.server import Gateway
+
+
+class EchoEngine:
+    """Instant fake engine: one word per 300 ms of audio; can fail or sleep."""
+
+    family, device = "echo", "cpu"
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.delay_s = delay_s
+        self.fail = fail
+        self.calls = 0
+
+    def _answer(self, segments):
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("engine exploded")
+        out = []
+        for s in segments:
+            n = len(s.audio) * 1000 // s.sample_rate // 300
+            words = [Word(f"w{i}", i * 300, i * 300 + 300, 0.9) for i in range(n)]
+            out.append(Hypothesis(" ".join(w.word for w in words), words=words, confidence=0.9))
+        return out
+
+    def draft(self, segments):
+        return self._answer(segments)
+
+    def transcribe(self, segments):
+        return self._answer(segments)
+
+
+def gateway_config(**server) -> Config:
+    base = Config()
+    return dataclasses.replace(
+        base, server=dataclasses.replace(base.server, host="127.0.0.1", port=0, **server)
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, engine, timeout_s: float = 60.0):
+    gateway = Gateway(config, lambda: engine)
+    await gateway.start()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not gateway.ready:
+        if gateway.engine_error or asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"engine did not load: {gateway.engine_error}")
+        await asyncio.sleep(0.02)
+    try:
+        yield gateway
+    finally:
+        if not gateway.draining:
+            await gateway.drain()
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict, str]:
+    def fetch():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.status, dict(r.headers), r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read().decode()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def collect(ws, until: str = "session.closed", timeout_s: float = 60.0) -> list[dict]:
+    """Read JSON messages until one of type `until` (inclusive) or the connection closes."""
+    messages = []
+    async with asyncio.timeout(timeout_s):
+        async for raw in ws:
+            message = json.loads(raw)
+            messages.append(message)
+            if message["type"] == until:
+                break
+    return messages

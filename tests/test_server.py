@@ -1,0 +1,269 @@
+"""The gateway over loopback: native protocol, GET endpoints, limits, bad input, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.gateway_harness import EchoEngine, collect, gateway_config, http_get, running
+from tests.streams import RATE, chunks, joined, librivox_clips, to_s16le
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return [audio for _, audio, _ in librivox_clips()[:2]]
+
+
+def url(gateway, query: str = "") -> str:
+    return f"ws://127.0.0.1:{gateway.port}/v1/stream{query}"
+
+
+async def send_audio(ws, audio, frame_ms: int = 100) -> None:
+    for chunk in chunks(to_s16le(audio), RATE * 2 * frame_ms // 1000):
+        await ws.send(chunk)
+
+
+def test_native_stream_end_to_end(speech):
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw, "?sample_rate=16000")) as ws:
+                started = json.loads(await ws.recv())
+                assert started["type"] == "session.started" and started["seq"] == 1
+                assert started["config"]["sample_rate"] == 16000
+                await send_audio(ws, joined(speech))
+                await ws.send(json.dumps({"type": "close"}))
+                messages = await collect(ws)
+                await ws.wait_closed()
+                assert ws.close_code == 1000
+        return [started, *messages]
+
+    messages = asyncio.run(main())
+    seqs = [m["seq"] for m in messages]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    kinds = [m["type"] for m in messages]
+    assert kinds.count("transcript.final") == 2
+    assert kinds.count("speech.started") == 2 and "transcript.partial" in kinds
+    assert kinds[-1] == "session.closed"
+    final = next(m for m in messages if m["type"] == "transcript.final")
+    assert set(final["latency"]) == {"endpoint_ms", "queue_ms", "compute_ms"}
+    assert final["words"] and {"word", "start_ms", "end_ms", "confidence"} <= set(final["words"][0])
+
+
+def test_health_ready_and_metrics():
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            health = await http_get(gw.port, "/healthz")
+            ready = await http_get(gw.port, "/readyz")
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await ws.send(b"\x00\x00" * 1600)
+                await ws.send(json.dumps({"type": "close"}))
+                await collect(ws)
+            metrics = await http_get(gw.port, "/metrics")
+            missing = await http_get(gw.port, "/nope")
+        return health, ready, metrics, missing
+
+    health, ready, metrics, missing = asyncio.run(main())
+    assert health[0] == 200 and ready[0] == 200 and missing[0] == 404
+    status, headers, body = metrics
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert 'streamscribe_sessions_total{dialect="native"} 1.0' in body
+    assert "streamscribe_audio_seconds_total 0.1" in body
+    assert "streamscribe_batches_total" in body and "streamscribe_lag_seconds" in body
+
+
+def test_bad_messages_get_errors_and_the_session_continues():
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await ws.send("{not json")
+                bad_json = json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "dance"}))
+                unknown = json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "session.update", "sample_rate": 8000}))
+                update = json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "close"}))
+                closed = await collect(ws)
+        return bad_json, unknown, update, closed
+
+    bad_json, unknown, update, closed = asyncio.run(main())
+    assert (bad_json["type"], bad_json["code"]) == ("error", "bad_json")
+    assert unknown["code"] == "unknown_type" and "dance" in unknown["message"]
+    assert update["code"] == "invalid_update" and "sample_rate" in update["message"]
+    assert closed[-1]["type"] == "session.closed"
+
+
+@pytest.mark.parametrize(
+    "query, first, expected",
+    [
+        ("?sample_rate=11025", None, "sample_rate"),
+        ("?encoding=mp3", None, "encoding"),
+        ("", {"type": "session.start", "channels": 5}, "channels"),
+        ("", {"type": "session.start", "hangover": 100}, "hangover_ms"),
+    ],
+)
+def test_invalid_config_is_an_error_then_close_4001(query, first, expected):
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw, query)) as ws:
+                if first is not None:
+                    assert json.loads(await ws.recv())["type"] == "session.started"
+                    await ws.send(json.dumps(first))
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                return error, ws.close_code
+
+    error, code = asyncio.run(main())
+    assert error["type"] == "error" and error["code"] == "invalid_config"
+    assert expected in error["message"] and code == 4001
+
+
+def test_session_start_before_audio_reconfigures():
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "session.start",
+                            "config": {"encoding": "mulaw", "sample_rate": 8000},
+                        }
+                    )
+                )
+                again = json.loads(await ws.recv())
+                await ws.send(b"\xff" * 800)
+                await ws.send(json.dumps({"type": "session.start"}))
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                return again, error, ws.close_code
+
+    again, error, code = asyncio.run(main())
+    assert again["type"] == "session.started"
+    assert again["config"]["encoding"] == "mulaw" and again["config"]["sample_rate"] == 8000
+    assert error["code"] == "invalid_sequence" and code == 4002
+
+
+def test_frame_over_the_limit_closes_1009():
+    async def main():
+        async with running(gateway_config(max_frame_bytes=4096), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await ws.send(b"\x00" * 8192)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+                return closed.value.rcvd.code
+
+    assert asyncio.run(main()) == 1009
+
+
+def test_session_cap_refuses_with_503_and_retry_after():
+    async def main():
+        async with running(gateway_config(max_sessions=1), EchoEngine()) as gw:
+            async with connect(url(gw)) as first:
+                await first.recv()
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(url(gw)):
+                        pass
+                ready = await http_get(gw.port, "/readyz")
+            response = refused.value.response
+            return response.status_code, response.headers.get("Retry-After"), ready[0]
+
+    status, retry_after, ready = asyncio.run(main())
+    assert status == 503 and int(retry_after) > 0 and ready == 503
+
+
+def test_api_key_required_when_configured():
+    async def main():
+        async with running(gateway_config(api_keys="k1,k2"), EchoEngine()) as gw:
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url(gw)):
+                    pass
+            async with connect(url(gw), additional_headers={"Authorization": "Bearer k2"}) as ws:
+                ok = json.loads(await ws.recv())["type"]
+            return refused.value.response.status_code, ok
+
+    assert asyncio.run(main()) == (401, "session.started")
+
+
+def test_idle_timeout_flushes_and_closes(speech):
+    async def main():
+        async with running(gateway_config(idle_timeout_s=1.0), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await send_audio(ws, speech[0][: RATE * 2])  # speech still open
+                messages = await collect(ws, timeout_s=20)
+                await ws.wait_closed()
+                return messages, ws.close_code
+
+    messages, code = asyncio.run(main())
+    kinds = [m["type"] for m in messages]
+    assert "transcript.final" in kinds and kinds[-1] == "session.closed"
+    error = next(m for m in messages if m["type"] == "error")
+    assert error["code"] == "idle_timeout" and code == 1000
+
+
+def test_engine_failure_reaches_only_its_session(speech):
+    async def main():
+        engine = EchoEngine(fail=True)
+        async with running(gateway_config(), engine) as gw:
+            async with connect(url(gw, "?interim_results=false")) as ws:
+                await ws.recv()
+                await send_audio(ws, joined(speech[:1]))
+                await ws.send(json.dumps({"type": "close"}))
+                messages = await collect(ws)
+            engine.fail = False
+            async with connect(url(gw, "?interim_results=false")) as ws:
+                await ws.recv()
+                await send_audio(ws, joined(speech[:1]))
+                await ws.send(json.dumps({"type": "close"}))
+                healthy = await collect(ws)
+        return messages, healthy
+
+    messages, healthy = asyncio.run(main())
+    errors = [m for m in messages if m["type"] == "error"]
+    assert errors and errors[0]["code"] == "engine_error" and "exploded" in errors[0]["message"]
+    assert messages[-1]["type"] == "session.closed"
+    assert [m["type"] for m in healthy].count("transcript.final") == 1
+
+
+def test_drain_delivers_finals_then_closes_1001(speech):
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await send_audio(ws, speech[0][: RATE * 3])  # mid-utterance
+                drain = asyncio.create_task(gw.drain())
+                messages = await collect(ws)
+                await ws.wait_closed()
+                await drain
+                return messages, ws.close_code
+
+    messages, code = asyncio.run(main())
+    kinds = [m["type"] for m in messages]
+    assert "transcript.final" in kinds and kinds[-1] == "session.closed"
+    assert messages[-1]["reason"] == "shutdown" and code == 1001
+
+
+def test_abrupt_disconnect_frees_the_session(speech):
+    async def main():
+        async with running(gateway_config(), EchoEngine(delay_s=0.05)) as gw:
+            ws = await connect(url(gw))
+            await ws.recv()
+            await send_audio(ws, speech[0][: RATE * 2])
+            ws.transport.abort()
+            for _ in range(100):
+                if not gw.connections:
+                    break
+                await asyncio.sleep(0.05)
+            return len(gw.connections), gw.scheduler.queue_lengths()
+
+    connections, queues = asyncio.run(main())
+    assert connections == 0 and queues["partial"] == 0
