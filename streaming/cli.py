@@ -1,4 +1,4 @@
-"""The `streamscribe` command: transcribe files, print the effective configuration.
+"""The `streamscribe` command: transcribe files, list model families, print the configuration.
 
 Exit status: 0 success, 1 some input file could not be read, 2 bad usage, configuration or
 model, 130 interrupted.
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transcribe.set_defaults(run=_transcribe)
 
+    models = commands.add_parser(
+        "models", help="list the model families: installed?, default source, device"
+    )
+    models.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
+    models.add_argument("--json", action="store_true", help="one JSON object per family")
+    models.set_defaults(run=_list_models)
+
     config = commands.add_parser("config", help="print the effective configuration as YAML")
     config.set_defaults(run=_print_config)
     return parser
@@ -91,6 +98,31 @@ def _configure(args: argparse.Namespace, overrides: Mapping[str, object]) -> Con
 def _print_config(args: argparse.Namespace) -> int:
     cfg = _configure(args, {})
     sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return EXIT_OK
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    """What `--model <family>` would load and where, without loading anything."""
+    cfg = _configure(args, {"engine.device": args.device})
+    from engine import selection
+
+    rows = selection.describe_families(
+        granite_nar_model=cfg.engine.granite_nar_model,
+        whisper_model=cfg.engine.whisper_model,
+        device=cfg.engine.device,
+    )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return EXIT_OK
+    table = [("FAMILY", "INSTALLED", "DEVICE", "SOURCE")]
+    for row in rows:
+        missing = " ".join(row["missing_packages"])
+        installed = "yes" if row["installed"] else f"no (pip install {missing})"
+        table.append((row["family"], installed, row["device"], row["source"]))
+    w1, w2, w3 = (max(len(line[i]) for line in table) for i in range(3))
+    for family, installed, device, source in table:
+        print(f"{family:<{w1}}  {installed:<{w2}}  {device:<{w3}}  {source}")
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,68 @@ def test_python_dash_m_streaming_runs_the_cli():
         check=True,
     )
     assert yaml.safe_load(done.stdout) == Config().to_dict()
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_gpu_no_loading(monkeypatch):
+    """Neither torch nor CTranslate2 sees a GPU, and loading any model fails the test."""
+
+    def load_engine(**kwargs):
+        raise AssertionError("`models` must not load a model")
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("engine.whisper.resolve_device", lambda device: "cpu")
+    monkeypatch.setattr("engine.selection.load_engine", load_engine)
+
+
+def table(out: str) -> dict[str, list[str]]:
+    """Rows of the `models` table by family, split on runs of two or more spaces."""
+    header, *rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    assert header == ["FAMILY", "INSTALLED", "DEVICE", "SOURCE"]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_models_lists_every_family_with_source_and_device(no_gpu_no_loading, capsys):
+    from engine import whisper
+
+    assert main(["models"]) == 0
+    rows = table(capsys.readouterr().out)
+    whisper_installed = "yes" if whisper.missing_packages("tiny.en") == [] else "no"
+    assert rows["granite-nar"] == ["yes", "cpu", "ibm-granite/granite-speech-4.1-2b-nar"]
+    assert rows["whisper"][0].split()[0] == whisper_installed
+    assert rows["whisper"][1:] == ["cpu", "tiny.en"]
+    assert set(rows) == {"granite-nar", "whisper"}
+
+
+def test_models_json_follows_configuration_and_flags(no_gpu_no_loading, monkeypatch, capsys):
+    monkeypatch.setenv("STREAMSCRIBE_ENGINE__WHISPER_MODEL", "base")
+    monkeypatch.setenv("STREAMSCRIBE_ENGINE__GRANITE_NAR_MODEL", "/models/granite-nar")
+    assert main(["models", "--json", "--device", "cuda:1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_family = {line["family"]: line for line in lines}
+    assert len(lines) == len(by_family) == 2
+    for line in lines:
+        assert set(line) == {"family", "installed", "missing_packages", "source", "device"}
+        assert line["device"] == "cuda:1"
+        assert line["installed"] is (line["missing_packages"] == [])
+    assert by_family["whisper"]["source"] == "base"
+    assert by_family["granite-nar"]["source"] == "/models/granite-nar"
+
+
+def test_models_names_the_packages_to_install(no_gpu_no_loading, monkeypatch, capsys):
+    monkeypatch.setattr("engine.whisper.missing_packages", lambda source: ["faster-whisper"])
+    assert main(["models"]) == 0
+    assert table(capsys.readouterr().out)["whisper"][0] == "no (pip install faster-whisper)"
+    assert main(["models", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (row,) = [line for line in lines if line["family"] == "whisper"]
+    assert (row["installed"], row["missing_packages"]) == (False, ["faster-whisper"])
+
+
+def test_models_bad_device_is_a_config_error(no_gpu_no_loading, capsys):
+    assert main(["models", "--device", "tpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "engine.device" in err and "Traceback" not in err

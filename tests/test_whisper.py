@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
+from benchmarks.scoring import corpus_wer
 from engine import whisper
 from engine.api import ModelLoadError, Segment
 
@@ -53,17 +54,6 @@ def drafts(engine, clips):
     return engine.draft([Segment(audio) for _, audio in clips])
 
 
-def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER after Whisper's English normaliser, as benchmarks/ defines it."""
-    import jiwer
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    # The British->American spelling map is a JSON file shipped with Whisper's tokenizer on the
-    # hub, not with transformers; these clips contain no word it would change.
-    normalise = EnglishTextNormalizer({})
-    return jiwer.wer([normalise(r) for r in references], [normalise(h) for h in hypotheses])
-
-
 def white_noise() -> np.ndarray:
     return (0.1 * np.random.default_rng(1234).standard_normal(FIVE_SECONDS)).astype(np.float32)
 
@@ -89,7 +79,9 @@ def test_final_words_are_timed_inside_the_audio(clips, finals):
 def test_draft_is_sensible_text(clips, drafts):
     assert corpus_wer([ref for ref, _ in clips], [h.text for h in drafts]) <= 0.2
     for (_, audio), hyp in zip(clips, drafts, strict=True):
-        assert hyp.words == []
+        assert " ".join(w.word for w in hyp.words) == hyp.text
+        starts = [w.start_ms for w in hyp.words]
+        assert starts == sorted(starts) and hyp.words[-1].end_ms <= hyp.duration_ms
         assert 0.0 < hyp.confidence <= 1.0
         assert hyp.duration_ms == len(audio) * 1000 // 16000
 

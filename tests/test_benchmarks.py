@@ -1,0 +1,285 @@
+"""The WER benchmark's parts: manifests, scoring, and `python -m benchmarks.wer` end to end with a
+fake engine (the real model's figures are measured by running the benchmark itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from benchmarks import manifests, results, wer
+from benchmarks.manifests import ManifestError, Utterance
+from benchmarks.scoring import corpus_wer, normalise, utterance_scores, worst
+from engine.api import Hypothesis
+
+RATE = 16000
+
+
+def wav(path: Path, seconds: float, freqs: tuple[float, ...] = (440.0,)) -> Path:
+    """A 16 kHz WAV of sine tones, 0.3 full scale each."""
+    t = np.arange(round(seconds * RATE)) / RATE
+    sf.write(path, sum(0.3 * np.sin(2 * np.pi * f * t) for f in freqs), RATE, subtype="PCM_16")
+    return path
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def test_librivox_parses_the_transcription_format(tmp_path):
+    for uid in ("clip-1", "clip-2"):
+        wav(tmp_path / f"{uid}.wav", 0.5)
+    (tmp_path / "transcription").write_text(
+        "<s> he was not an ill disposed young man </s> (clip-1)\n"
+        "\n"
+        "<s>   unless to be rather cold hearted </s>  (clip-2)  \n"
+    )
+    assert manifests.librivox(tmp_path) == [
+        Utterance("clip-1", tmp_path / "clip-1.wav", "he was not an ill disposed young man"),
+        Utterance("clip-2", tmp_path / "clip-2.wav", "unless to be rather cold hearted"),
+    ]
+
+
+def test_librivox_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ManifestError, match="apt-get install pocketsphinx-testdata"):
+        manifests.librivox(tmp_path / "nowhere")
+    (tmp_path / "transcription").write_text("<s> some words </s> (gone)\n")
+    with pytest.raises(ManifestError, match=r"transcription:1: audio file .*gone\.wav is missing"):
+        manifests.librivox(tmp_path)
+    (tmp_path / "transcription").write_text("\nsome words without markers\n")
+    with pytest.raises(ManifestError, match=r"transcription:2: not '<s> text </s> \(id\)'"):
+        manifests.librivox(tmp_path)
+    (tmp_path / "transcription").write_text("\n")
+    with pytest.raises(ManifestError, match="lists no utterances"):
+        manifests.librivox(tmp_path)
+
+
+def test_installed_librivox_clips():
+    try:
+        clips = manifests.librivox()
+    except ManifestError as exc:
+        pytest.skip(str(exc))
+    assert len(clips) == 5
+    assert len({u.id for u in clips}) == 5
+    for utterance in clips:
+        assert utterance.audio.is_file() and utterance.audio.stem == utterance.id
+        assert len(utterance.reference.split()) >= 5
+        info = sf.info(utterance.audio)
+        assert (info.samplerate, info.channels) == (16000, 1)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="apt-get install espeak-ng")
+def test_espeak_writes_16khz_sentences(tmp_path):
+    made = manifests.espeak(tmp_path / "speech", n=2)
+    assert [u.id for u in made] == ["espeak-01", "espeak-02"]
+    assert [u.reference for u in made] == list(manifests.SENTENCES[:2])
+    assert sorted(p.name for p in (tmp_path / "speech").iterdir()) == [
+        "espeak-01.wav",
+        "espeak-02.wav",
+    ]
+    for utterance in made:
+        info = sf.info(utterance.audio)
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert 1.0 < info.duration < 10.0
+        audio, _ = sf.read(utterance.audio)
+        assert np.sqrt(np.mean(audio**2)) > 0.02  # speech, not silence
+
+
+def test_espeak_without_the_program_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifests.shutil, "which", lambda name: None)
+    with pytest.raises(ManifestError, match="apt-get install espeak-ng"):
+        manifests.espeak(tmp_path)
+
+
+@pytest.mark.parametrize("n", [0, len(manifests.SENTENCES) + 1])
+def test_espeak_count_must_fit_the_sentence_list(tmp_path, n):
+    with pytest.raises(ValueError, match="n must be in"):
+        manifests.espeak(tmp_path, n)
+
+
+def test_sentences_are_varied_and_spell_numbers_as_words():
+    assert 15 <= len(manifests.SENTENCES) == len(set(manifests.SENTENCES))
+    assert not any(ch.isdigit() for sentence in manifests.SENTENCES for ch in sentence)
+    assert any(s.endswith("?") for s in manifests.SENTENCES)
+
+
+def test_mulaw_8k_copies(tmp_path):
+    # 440 Hz must survive; 5 kHz is above the 4 kHz Nyquist limit and must be filtered out, not
+    # folded back to 3 kHz.
+    source = [
+        Utterance("a", wav(tmp_path / "a.wav", 1.5, (440.0, 5000.0)), "first"),
+        Utterance("b", wav(tmp_path / "b.wav", 0.25), "second"),
+    ]
+    copies = manifests.mulaw_8k(source, tmp_path / "phone")
+    assert copies == [
+        Utterance("a", tmp_path / "phone" / "a.wav", "first"),
+        Utterance("b", tmp_path / "phone" / "b.wav", "second"),
+    ]
+    for copy, seconds in zip(copies, (1.5, 0.25), strict=True):
+        info = sf.info(copy.audio)
+        assert (info.samplerate, info.channels, info.subtype) == (8000, 1, "ULAW")
+        assert info.frames == round(seconds * 8000)
+    narrow, _ = sf.read(copies[0].audio)
+    spectrum = np.abs(np.fft.rfft(narrow)) / len(narrow)
+    bins = np.fft.rfftfreq(len(narrow), 1 / 8000)
+    tone_440, alias_3k = (spectrum[np.argmin(np.abs(bins - hz))] for hz in (440, 3000))
+    assert tone_440 > 0.1
+    assert alias_3k < tone_440 / 100
+    with pytest.raises(ValueError, match="holds the source audio"):
+        manifests.mulaw_8k(source, tmp_path)
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def test_normalise_is_whispers_english_normaliser():
+    assert normalise("Mr. Dashwood had TWENTY-ONE horses; ill-disposed!") == (
+        "mister dashwood had 21 horses ill disposed"
+    )
+    assert normalise("He won't go.") == normalise("he will not go")
+
+
+def test_corpus_wer_counts_errors_over_reference_words():
+    ten_words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet"
+    assert corpus_wer([ten_words], [ten_words.replace("echo", "eco")]) == pytest.approx(0.1)
+    shouted = "Alpha, Bravo! CHARLIE delta echo foxtrot golf hotel india juliet."
+    assert corpus_wer([ten_words], [shouted]) == 0.0  # case and punctuation do not count
+    assert corpus_wer(["a b c d"], ["a c d e f"]) == pytest.approx(3 / 4)  # 1 del, 2 ins
+    # numbers are normalised on both sides
+    assert corpus_wer(["twenty four hours for ten dollars"], ["24 hours for $10"]) == 0.0
+    # corpus level: 1 error in 12 words, not the mean of 0 and 1/2
+    assert corpus_wer([ten_words, "kilo lima"], [ten_words, "kilo mike"]) == pytest.approx(1 / 12)
+
+
+def test_corpus_wer_refuses_what_it_cannot_score():
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        corpus_wer(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no utterances"):
+        corpus_wer([], [])
+    with pytest.raises(ValueError, match="no words"):
+        corpus_wer(["Um, uh."], ["hello"])  # fillers are removed, leaving nothing
+
+
+def test_utterance_scores_and_worst():
+    ids = ["short", "long", "perfect", "empty"]
+    refs = ["kilo lima", "alpha bravo charlie delta echo", "golf hotel", ""]
+    hyps = ["kilo mike", "alpha charlie delta eco foxtrot", "Golf, hotel.", "um"]
+    scores = utterance_scores(ids, refs, hyps)
+    assert [(s.id, s.errors, s.words) for s in scores] == [
+        ("short", 1, 2),
+        ("long", 3, 5),
+        ("perfect", 0, 2),
+        ("empty", 0, 0),  # "um" is a filler the normaliser removes
+    ]
+    assert scores[1].hypothesis == "alpha charlie delta eco foxtrot"
+    assert scores[2].wer == 0.0 and scores[3].wer is None
+    assert [s.id for s in worst(scores)] == ["long", "short"]
+    assert [s.id for s in worst(scores, 1)] == ["long"]
+
+
+# --- benchmarks.wer end to end with a fake engine --------------------------------------------
+
+REFERENCES = {
+    1.0: "the cat sat on the mat",
+    2.0: "a quick brown fox jumps over the lazy dog today",
+}
+ANSWERS = {  # one substitution in the second utterance: 1 error in 16 reference words
+    1.0: "The cat sat on the mat.",
+    2.0: "A quick brown fox jumps over the lazy cat today.",
+}
+
+
+class FakeEngine:
+    """Answers by the audio's duration, so 16 kHz and 8 kHz copies get the same text."""
+
+    family = "fake"
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[float, int]]] = []
+
+    def transcribe(self, segments):
+        seen = [(round(len(s.audio) / s.sample_rate, 2), s.sample_rate) for s in segments]
+        self.calls.append(seen)
+        return [Hypothesis(text=ANSWERS[seconds]) for seconds, _ in seen]
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    for var in [v for v in os.environ if v.startswith("STREAMSCRIBE_")]:
+        monkeypatch.delenv(var)
+    source = tmp_path / "source"
+    source.mkdir()
+    two = [
+        Utterance(f"utt-{i}", wav(source / f"utt-{i}.wav", seconds), text)
+        for i, (seconds, text) in enumerate(sorted(REFERENCES.items(), reverse=True))
+    ]
+    engine = FakeEngine()
+
+    def load_engine(**kwargs):
+        engine.load_kwargs = kwargs
+        return engine
+
+    monkeypatch.setattr("engine.selection.load_engine", load_engine)
+    monkeypatch.setattr(manifests, "librivox", lambda: two)
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path / "results")
+    return engine
+
+
+def test_wer_benchmark_end_to_end(fake_run, tmp_path, capsys):
+    argv = ["--manifest", "librivox", "--telephony", "--batch", "1", "--device", "cpu"]
+    assert wer.main([*argv, "--workdir", str(tmp_path / "work")]) == 0
+    out, err = capsys.readouterr()
+
+    (written,) = (tmp_path / "results").iterdir()
+    record = json.loads(written.read_text())
+    assert record["benchmark"] == "wer"
+    assert record["settings"]["manifests"] == ["librivox", "librivox-mulaw8k"]
+    assert record["settings"]["engine"]["max_batch"] == 1
+    figures = record["figures"]
+    for name in ("librivox", "librivox-mulaw8k"):
+        block = figures[name]
+        assert block["wer"] == 0.0625
+        assert (block["utterances"], block["audio_seconds"]) == (2, 3.0)
+        assert block["rtfx"] > 0
+        assert block["worst"] == [
+            {
+                "id": "utt-0",
+                "reference": REFERENCES[2.0],
+                "hypothesis": "a quick brown fox jumps over the lazy cat today",
+                "errors": 1,
+                "words": 10,
+            }
+        ]
+    assert figures["librivox-mulaw8k"]["telephony_penalty"] == {"absolute": 0.0, "relative": 0.0}
+
+    assert fake_run.load_kwargs["device"] == "cpu" and fake_run.load_kwargs["max_batch"] == 1
+    # a warm-up call, then one call per utterance (batch 1), shortest first; 8 kHz copies last
+    assert fake_run.calls == [
+        [(2.0, 16000)],
+        [(1.0, 16000)],
+        [(2.0, 16000)],
+        [(1.0, 8000)],
+        [(2.0, 8000)],
+    ]
+    assert "librivox: WER 6.25%" in out and "librivox-mulaw8k: WER 6.25%" in out
+    assert "utt-0: 1 error in 10 words" in out
+    assert f"written to {written}" in out
+    assert "librivox" in err  # progress goes to stderr
+    assert (tmp_path / "work" / "librivox-mulaw8k" / "utt-1.wav").is_file()
+
+
+def test_wer_benchmark_reports_missing_data_in_one_line(fake_run, monkeypatch, capsys):
+    def missing():
+        raise ManifestError("no LibriVox references: apt-get install pocketsphinx-testdata")
+
+    monkeypatch.setattr(manifests, "librivox", missing)
+    assert wer.main(["--manifest", "librivox"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().endswith("apt-get install pocketsphinx-testdata")
+    assert "Traceback" not in err and "written to" not in out
+    assert fake_run.calls == []
