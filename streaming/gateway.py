@@ -31,7 +31,13 @@ from streaming.dialects.base import (
     Reject,
     Update,
 )
-from streaming.events import EngineRequest, ErrorEvent, FinalTranscript, PartialTranscript
+from streaming.events import (
+    EngineRequest,
+    ErrorEvent,
+    FinalTranscript,
+    PartialTranscript,
+    SessionClosed,
+)
 from streaming.metrics import Metrics
 from streaming.session import Output, Session
 from streaming.stability import StabilityConfig
@@ -65,6 +71,7 @@ class Connection:
         self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
         self.progress = asyncio.Event()
         self.finished = asyncio.Event()
+        self.closed_sent = asyncio.Event()  # `session.closed` (the last event) is on the wire
         self.audio_seen = False
         self.drain_at: float | None = None
         self.last_status = 0.0
@@ -97,8 +104,8 @@ class Connection:
         try:
             await self._emit(self.session.start())
             await self._read()
-            await self._wait_closed()
-            if self.session.closed:
+            if self.session.state != "open":
+                await self._until_closed_sent()
                 await self.ws.close(CLOSE_NORMAL if self.drain_at is None else CLOSE_GOING_AWAY)
         finally:
             results.cancel()
@@ -222,6 +229,8 @@ class Connection:
             self._observe(item)
             for frame in self.dialect.encode(item):
                 await asyncio.wait_for(self.ws.send(frame), self.config.server.idle_timeout_s)
+            if isinstance(item, SessionClosed):
+                self.closed_sent.set()
 
     def _observe(self, event) -> None:
         metrics = self.metrics
@@ -271,10 +280,13 @@ class Connection:
             finally:
                 self.progress.set()
 
-    async def _wait_closed(self) -> None:
-        while not self.session.closed and self.session.state == "closing":
-            self.progress.clear()
-            await self.progress.wait()
+    async def _until_closed_sent(self) -> None:
+        """Wait for the last event to be sent, or for the client to go away first."""
+        sent = asyncio.create_task(self.closed_sent.wait())
+        gone = asyncio.create_task(self.ws.wait_closed())
+        await asyncio.wait((sent, gone), return_when=asyncio.FIRST_COMPLETED)
+        sent.cancel()
+        gone.cancel()
 
     async def _maybe_status(self) -> None:
         now = time.monotonic()

@@ -193,7 +193,6 @@ class Session:
 
     def _on_vad_event(self, channel: ChannelState, event, from_finalize: bool) -> list[Output]:
         if isinstance(event, VadSpeechStarted):
-            channel.trackers[event.segment_id] = StabilityTracker(self.stability)
             return [SpeechStarted(channel.index, event.segment_id, ms(event.sample))]
         if isinstance(event, VadSpeechStopped):
             return [SpeechStopped(channel.index, event.segment_id, ms(event.sample))]
@@ -230,12 +229,15 @@ class Session:
         last = channel.partial_audio_ms.get(current.segment_id, 0)
         if covered - last < self.options.partial_interval_ms:
             return []
+        # A segment opens with speech, or continues speech after a split at the maximum length.
+        channel.trackers.setdefault(current.segment_id, StabilityTracker(self.stability))
         rev = channel.partial_rev.get(current.segment_id, 0) + 1
         channel.partial_rev[current.segment_id] = rev
         channel.partial_audio_ms[current.segment_id] = covered
-        audio = np.array(current.audio, dtype=np.float32)
         return [
-            EngineRequest("partial", channel.index, current.segment_id, rev, audio, self.hotwords)
+            EngineRequest(
+                "partial", channel.index, current.segment_id, rev, current.audio, self.hotwords
+            )
         ]
 
     def _on_partial(
