@@ -7,21 +7,18 @@ files must hold nothing else. All problems are reported together in one `Checkpo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import hub
 from ..api import ModelLoadError
 from .config import ConfigFormatError, NarConfig
 from .model import GraniteSpeechNar
-
-log = logging.getLogger("engine.granite_nar")
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -134,53 +131,8 @@ def save_model(
 
 
 def resolve_source(source: str, hub_timeout_s: float) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (or found in the local cache).
-
-    Reaching the hub is bounded by `hub_timeout_s`, so a machine without network fails fast."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelLoadError(f"{source!r} is neither a checkpoint folder nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(source, allow_patterns=HUB_PATTERNS, local_files_only=True))
-    except Exception:  # not cached: go to the network below
-        pass
-    _check_hub_reachable(source, hub_timeout_s)
-    log.info("downloading checkpoint", extra={"source": source})
-    try:
-        return Path(
-            snapshot_download(source, allow_patterns=HUB_PATTERNS, etag_timeout=hub_timeout_s)
-        )
-    except Exception as err:
-        raise ModelLoadError(f"download of {source!r} failed: {err}") from None
-
-
-def _check_hub_reachable(repo_id: str, timeout_s: float) -> None:
-    """Ask the hub about the repository in a thread we stop waiting for after the timeout."""
-    from huggingface_hub import HfApi
-
-    outcome: dict[str, BaseException | None] = {}
-
-    def probe() -> None:
-        try:
-            HfApi().model_info(repo_id, timeout=timeout_s)
-            outcome["error"] = None
-        except BaseException as err:  # reported to the caller below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if "error" not in outcome:
-        raise ModelLoadError(
-            f"model hub not reachable within {timeout_s:g} s for {repo_id!r}; "
-            "pass a local checkpoint folder (engine.granite_nar_model or --model PATH)"
-        )
-    if outcome["error"] is not None:
-        raise ModelLoadError(
-            f"cannot fetch {repo_id!r} from the model hub ({type(outcome['error']).__name__}: "
-            f"{outcome['error']}); pass a local checkpoint folder instead"
-        )
+    """A local folder as is; otherwise a hub id, downloaded (or found in the local cache) within
+    `hub_timeout_s`."""
+    return hub.resolve_source(
+        source, hub_timeout_s, patterns=HUB_PATTERNS, setting="engine.granite_nar_model"
+    )

@@ -1,0 +1,295 @@
+"""The `granite-ar` family: Granite Speech 4.1 2B (autoregressive) through transformers.
+
+Used as an accuracy pass on finals, and for keyword biasing and translation prompts. Each
+clip is encoded on its own (features, encoder, projector), so its text does not depend on what
+else is in the batch; the prompts then decode together, left-padded, with greedy search and
+the KV cache. `draft` is `transcribe`: decoding is the whole cost of this model, so there is
+no cheaper partial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+from ..api import TARGET_SAMPLE_RATE, Hypothesis, ModelLoadError, Segment, Word
+from ..audio import prepare_waveform
+from ..features import ar_features
+from ..granite_nar.decoding import TokenSpan, group_words
+from ..granite_nar.engine import SAMPLES_PER_FRAME, SILENCE_PEAK, pick_device, pick_dtype
+from ..granite_nar.windows import plan_windows
+from ..hub import resolve_source
+from .checkpoint import (
+    HUB_PATTERNS,
+    ArConfig,
+    audio_token_count,
+    load_model,
+    load_tokenizer,
+    read_config,
+)
+from .generation import BudgetStop, ChosenTokenProbs, LoopStop, token_budget
+from .prompt import END_OF_TEXT, Task, instruction, parse_task, render_prompt
+from .text import join_windows, loop_end, spread_times
+
+log = logging.getLogger("engine.granite_ar")
+
+TRANSCRIBE = Task()
+
+FAMILY = "granite-ar"
+MAX_WINDOW_S = 30.0  # the model was trained on clips of at most 30 s
+# Upper bound on words spoken per second, to size the search for a window overlap's words;
+# a few more words cover the ones garbled at a window's edge.
+MAX_WORDS_PER_SECOND = 6
+EDGE_WORDS = 4
+
+
+@dataclass(frozen=True)
+class WindowText:
+    """What one window decoded to: tokens (end-of-text and loops removed), the probability of
+    each, and why decoding stopped: "eos", "budget" or "loop"."""
+
+    ids: list[int]
+    probs: list[float]
+    stop: str
+
+
+class GraniteArEngine:
+    family = FAMILY
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        config: ArConfig,
+        *,
+        task: Task = TRANSCRIBE,
+        max_batch: int = 16,
+        window_s: float = 30.0,
+        window_overlap_s: float = 5.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.task = task
+        self.device = str(model.device)
+        self.max_batch = max_batch
+        window = min(window_s, MAX_WINDOW_S)
+        overlap = min(window_overlap_s, window / 3)
+        self.window = int(window * TARGET_SAMPLE_RATE)
+        self.overlap = int(overlap * TARGET_SAMPLE_RATE)
+        self.overlap_words = math.ceil(overlap * MAX_WORDS_PER_SECOND) + EDGE_WORDS
+        self.eos = tokenizer.token_to_id(END_OF_TEXT)
+        self.pad = self.eos if config.pad_token_id is None else config.pad_token_id
+        # The audio placeholder (and padding) are never text: keep greedy search off them.
+        self.suppressed = [config.audio_token_id] + ([self.pad] if self.pad != self.eos else [])
+        self.special = {
+            token_id
+            for token_id, added in tokenizer.get_added_tokens_decoder().items()
+            if added.special
+        }
+
+    def draft(self, segments: Sequence[Segment]) -> list[Hypothesis]:
+        return self.transcribe(segments)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, hotwords: Sequence[str], n_audio: int) -> list[int]:
+        """Token ids of the full prompt, with `<|audio|>` repeated once per audio embedding."""
+        text = render_prompt(instruction(self.task, hotwords))
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        at = ids.index(self.config.audio_token_id)
+        return ids[:at] + [self.config.audio_token_id] * n_audio + ids[at + 1 :]
+
+    @torch.inference_mode()
+    def transcribe(self, segments: Sequence[Segment]) -> list[Hypothesis]:
+        waves = [prepare_waveform(s.audio, s.sample_rate) for s in segments]
+        plans = [self._plan(wave) for wave in waves]
+        pieces = [(index, a, b) for index, plan in enumerate(plans) for a, b in plan]
+        texts: dict[tuple[int, int, int], WindowText] = {}
+        order = sorted(pieces, key=lambda p: p[2] - p[1])
+        for start in range(0, len(order), self.max_batch):
+            batch = order[start : start + self.max_batch]
+            outputs = self.generate(
+                [waves[i][a:b] for i, a, b in batch], [segments[i].hotwords for i, _, _ in batch]
+            )
+            texts.update(zip(batch, outputs, strict=True))
+        hypotheses = []
+        for index, (wave, plan) in enumerate(zip(waves, plans, strict=True)):
+            per_window = [self._timed_words(texts[(index, a, b)], a, b) for a, b in plan]
+            words = join_windows(per_window, plan, TARGET_SAMPLE_RATE, self.overlap_words)
+            hypotheses.append(self._hypothesis(words, wave.size))
+        return hypotheses
+
+    def _plan(self, wave: np.ndarray) -> list[tuple[int, int]]:
+        """Windows of a segment; none for silence or audio shorter than one encoder frame."""
+        if wave.size == 0 or float(np.abs(wave).max()) < SILENCE_PEAK:
+            return []
+        plan = plan_windows(wave.size, self.window, self.overlap)
+        return [(a, b) for a, b in plan if b - a >= SAMPLES_PER_FRAME]
+
+    def audio_embeddings(self, wave: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Projector output [N, hidden] for one clip, and its encoder frame count; computed
+        alone so that batch padding never reaches the clip's encoder."""
+        model = self.model
+        features, frames = ar_features([wave], device=model.device)
+        encoded = model.get_audio_features(features.to(model.dtype)).pooler_output[0]
+        return encoded, int(frames[0])
+
+    def batch_inputs(
+        self, waves: Sequence[np.ndarray], hotwords: Sequence[Sequence[str]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids, their embeddings with the audio rows in place, and the
+        attention mask, ready for `generate`."""
+        model, audio_id = self.model, self.config.audio_token_id
+        audio, frames = zip(*(self.audio_embeddings(wave) for wave in waves), strict=True)
+        prompts = [
+            self.prompt_ids(words, audio_token_count(n, self.config))
+            for n, words in zip(frames, hotwords, strict=True)
+        ]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        is_audio = ids == audio_id
+        embeds = model.get_input_embeddings()(ids.masked_fill(is_audio, self.pad))
+        embeds[is_audio] = torch.cat(audio).to(embeds.dtype)
+        return ids, embeds, mask
+
+    @torch.inference_mode()
+    def generate(
+        self, waves: Sequence[np.ndarray], hotwords: Sequence[Sequence[str]]
+    ) -> list[WindowText]:
+        """Greedy decoding of one batch of clips (at most 30 s each), one result per clip."""
+        ids, embeds, mask = self.batch_inputs(waves, hotwords)
+        width = ids.shape[1]
+        limit = self.config.max_positions - width
+        budgets = [token_budget(w.size / TARGET_SAMPLE_RATE, limit) for w in waves]
+        probs = ChosenTokenProbs()
+        out = self.model.generate(
+            input_ids=ids,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            generation_config=GenerationConfig(
+                max_new_tokens=max(budgets),
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                suppress_tokens=self.suppressed,
+            ),
+            logits_processor=LogitsProcessorList([probs]),
+            stopping_criteria=StoppingCriteriaList(
+                [BudgetStop(width, budgets, ids.device), LoopStop(width)]
+            ),
+        )
+        rows = out[:, width:].tolist()
+        results = [
+            self.window_text(row, p, budget)
+            for row, p, budget in zip(rows, probs.per_sample(), budgets, strict=True)
+        ]
+        log.debug(
+            "granite-ar batch",
+            extra={
+                "batch": len(rows),
+                "prompt_tokens": width,
+                "steps": len(rows[0]),
+                "stops": dict(Counter(r.stop for r in results)),
+            },
+        )
+        return results
+
+    def window_text(self, row: list[int], probs: list[float], budget: int) -> WindowText:
+        """The text tokens of one generated row: up to end-of-text (or the padding that follows
+        a stopped sample), within the budget, with a trailing loop trimmed to one copy."""
+        end, stop = min(len(row), budget), "budget"
+        for position, token in enumerate(row[:end]):
+            if token in (self.eos, self.pad):
+                end, stop = position, "eos" if token == self.eos else "budget"
+                break
+        keep = loop_end(row[:end])
+        if keep is not None:
+            end, stop = keep, "loop"
+        return WindowText(row[:end], probs[:end], stop)
+
+    def _timed_words(self, text: WindowText, start: int, end: int) -> list[tuple[Word, list[int]]]:
+        """Words of one window on the segment's timeline, with approximate times (see
+        `spread_times`) and, as in granite-nar, the geometric mean of their tokens'
+        probabilities as confidence."""
+        spans = [TokenSpan(t, 0, 0, p) for t, p in zip(text.ids, text.probs, strict=True)]
+        words = group_words(spans, self.decode, self.special)
+        offset = start * 1000 // TARGET_SAMPLE_RATE
+        times = spread_times([w.word for w, _ in words], (end - start) * 1000 // TARGET_SAMPLE_RATE)
+        return [
+            (replace(word, start_ms=offset + a, end_ms=offset + b), ids)
+            for (word, ids), (a, b) in zip(words, times, strict=True)
+        ]
+
+    def _hypothesis(self, kept: list[tuple[Word, list[int]]], n_samples: int) -> Hypothesis:
+        words = [w for w, _ in kept]
+        confidence = (
+            math.exp(sum(math.log(max(w.confidence, 1e-12)) for w in words) / len(words))
+            if words
+            else 0.0
+        )
+        return Hypothesis(
+            text=" ".join(w.word for w in words),
+            token_ids=[i for _, ids in kept for i in ids],
+            words=words,
+            confidence=confidence,
+            duration_ms=n_samples * 1000 // TARGET_SAMPLE_RATE,
+        )
+
+
+def load_engine(
+    source: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch: int = 16,
+    window_s: float = 30.0,
+    window_overlap_s: float = 5.0,
+    hub_timeout_s: float = 10.0,
+    task: str = "transcribe",
+    language: str | None = None,
+) -> GraniteArEngine:
+    """Load a checkpoint folder or hub id into a ready engine.
+
+    `task` is "transcribe" (with `language` the spoken language, or None) or "translate"
+    (with `language` the target); both are checked before anything is loaded."""
+    try:
+        parsed = parse_task(task, language)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    folder = resolve_source(
+        source, hub_timeout_s, patterns=HUB_PATTERNS, setting="engine.granite_ar_model"
+    )
+    config = read_config(folder)
+    tokenizer = load_tokenizer(folder, config)
+    torch_device = pick_device(device)
+    model = load_model(folder, torch_device, pick_dtype(dtype, torch_device))
+    log.info(
+        "granite-ar loaded",
+        extra={"source": str(folder), "device": str(torch_device), "task": parsed.kind},
+    )
+    return GraniteArEngine(
+        model,
+        tokenizer,
+        config,
+        task=parsed,
+        max_batch=max_batch,
+        window_s=window_s,
+        window_overlap_s=window_overlap_s,
+    )
