@@ -86,8 +86,10 @@ class ModelLoadError(RuntimeError):
 # family name -> "module:function" that loads it; imported lazily so that a family's heavy
 # dependencies are only needed when that family is used.
 FAMILIES: dict[str, str] = {
+    "granite-ar": "engine.granite_ar:load_engine",
     "granite-nar": "engine.granite_nar.engine:load_engine",
     "whisper": "engine.whisper:load_engine",
+    "noop": "engine.noop:load_engine",
 }
 
 

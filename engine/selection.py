@@ -18,10 +18,14 @@ from engine.api import FAMILIES, Engine, ModelLoadError, family_loader
 log = logging.getLogger(__name__)
 
 GRANITE_NAR = "granite-nar"
+GRANITE_AR = "granite-ar"
+NOOP = "noop"
 WHISPER = whisper.FAMILY
 DEFAULT_GRANITE_NAR_MODEL = "ibm-granite/granite-speech-4.1-2b-nar"
+DEFAULT_GRANITE_AR_MODEL = "ibm-granite/granite-speech-4.1-2b"
 # config.json model_type values of the Granite NAR checkpoint (current and older snapshot).
 GRANITE_NAR_MODEL_TYPES = ("granite_speech_nar", "nle")
+GRANITE_AR_MODEL_TYPE = "granite_speech"
 # Python modules a family needs beyond the project's core, by pip name.
 GRANITE_NAR_PACKAGES = ("torch", "safetensors", "tokenizers")
 # Files next to a CTranslate2 Whisper model.bin that tell it from other CTranslate2 models.
@@ -42,18 +46,21 @@ def choose_model(
     granite_nar_model: str = DEFAULT_GRANITE_NAR_MODEL,
     whisper_model: str = whisper.DEFAULT_SOURCE,
     device: str = "auto",
+    granite_ar_model: str = DEFAULT_GRANITE_AR_MODEL,
 ) -> ModelChoice:
     """Pick family, source and device from the configuration; loads nothing.
 
     `model` is `auto`, a family name, a model folder or a hub id (see config.yaml).
     """
-    sources = {GRANITE_NAR: granite_nar_model, WHISPER: whisper_model}
+    sources = {GRANITE_NAR: granite_nar_model, GRANITE_AR: granite_ar_model, WHISPER: whisper_model}
     if model == "auto":
         if device == "cpu":
             return _choice(WHISPER, whisper_model, device, "auto: device is cpu")
         if _torch_cuda_available():
             return _choice(GRANITE_NAR, granite_nar_model, device, "auto: a CUDA GPU is available")
         return _choice(WHISPER, whisper_model, device, "auto: no CUDA GPU is available")
+    if model == NOOP or model.startswith(NOOP + ":"):
+        return _choice(NOOP, model.partition(":")[2], "cpu", "no-op engine for load tests")
     if model in FAMILIES:
         if model not in sources:
             raise ModelLoadError(f"model family {model!r} has no configured source")
@@ -95,6 +102,8 @@ def _family_from_name(model: str) -> str:
     name = model.lower()
     if "granite-speech" in name and "nar" in name:
         return GRANITE_NAR
+    if "granite-speech" in name and "plus" not in name:  # -plus needs another model class
+        return GRANITE_AR
     if "whisper" in name:
         return WHISPER
     raise ModelLoadError(
@@ -110,6 +119,8 @@ def detect_family(folder: Path) -> tuple[str, str]:
     model_type = config.get("model_type")
     if model_type in GRANITE_NAR_MODEL_TYPES:
         return GRANITE_NAR, f"config.json with model_type {model_type!r}"
+    if model_type == GRANITE_AR_MODEL_TYPE:
+        return GRANITE_AR, f"config.json with model_type {model_type!r}"
     if "model.bin" in names:
         if "alignment_heads" in config or "suppress_ids" in config:
             return WHISPER, "model.bin and a Whisper config.json"
@@ -120,7 +131,8 @@ def detect_family(folder: Path) -> tuple[str, str]:
     detail = f"; config.json model_type is {model_type!r}" if model_type else ""
     raise ModelLoadError(
         f"cannot tell the model family of folder {str(folder)!r} (found: {found}{detail}); "
-        "expected a Granite NAR checkpoint (config.json with model_type granite_speech_nar) "
+        "expected a Granite NAR checkpoint (config.json with model_type granite_speech_nar), "
+        "a Granite AR one (model_type granite_speech) "
         "or a CTranslate2 Whisper model (model.bin, config.json, tokenizer.json)"
     )
 
@@ -145,13 +157,18 @@ def load_engine(
     window_s: float = 30.0,
     window_overlap_s: float = 5.0,
     hub_timeout_s: float = 10.0,
+    granite_ar_model: str = DEFAULT_GRANITE_AR_MODEL,
 ) -> Engine:
     """Choose a model (see `choose_model`), log the choice once, and load it.
 
     Every failure is a ModelLoadError whose message says what was asked for and why it failed.
     """
     choice = choose_model(
-        model, granite_nar_model=granite_nar_model, whisper_model=whisper_model, device=device
+        model,
+        granite_nar_model=granite_nar_model,
+        whisper_model=whisper_model,
+        device=device,
+        granite_ar_model=granite_ar_model,
     )
     log.info(
         "model chosen",
@@ -190,11 +207,14 @@ def describe_families(
     granite_nar_model: str = DEFAULT_GRANITE_NAR_MODEL,
     whisper_model: str = whisper.DEFAULT_SOURCE,
     device: str = "auto",
+    granite_ar_model: str = DEFAULT_GRANITE_AR_MODEL,
 ) -> list[dict]:
     """One row per family for `streamscribe models`: is it usable, from where, on what device."""
-    sources = {GRANITE_NAR: granite_nar_model, WHISPER: whisper_model}
+    sources = {GRANITE_NAR: granite_nar_model, GRANITE_AR: granite_ar_model, WHISPER: whisper_model}
+    granite_missing = [p for p in GRANITE_NAR_PACKAGES if importlib.util.find_spec(p) is None]
     missing = {
-        GRANITE_NAR: [p for p in GRANITE_NAR_PACKAGES if importlib.util.find_spec(p) is None],
+        GRANITE_NAR: granite_missing,
+        GRANITE_AR: granite_missing,
         WHISPER: whisper.missing_packages(whisper_model),
     }
     return [

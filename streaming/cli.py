@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="one JSON object per family")
     models.set_defaults(run=_list_models)
 
+    serve = commands.add_parser(
+        "serve", help="run the streaming server (WebSocket /v1/stream, /healthz, /metrics)"
+    )
+    serve.add_argument("--host", help="address to listen on (server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (server.port)")
+    serve.add_argument(
+        "--model", metavar="PATH_OR_ID", help="auto, a family, a folder or a hub id (engine.model)"
+    )
+    serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
+    serve.set_defaults(run=_serve)
+
     config = commands.add_parser("config", help="print the effective configuration as YAML")
     config.set_defaults(run=_print_config)
     return parser
@@ -101,6 +112,33 @@ def _print_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (then drain); a model that cannot load stops the process."""
+    import asyncio
+
+    from engine import selection
+    from streaming import server
+
+    cfg = _configure(
+        args,
+        {
+            "server.host": args.host,
+            "server.port": args.port,
+            "engine.model": args.model,
+            "engine.device": args.device,
+        },
+    )
+
+    def load() -> Engine:
+        return selection.load_engine(**dataclasses.asdict(cfg.engine))
+
+    error = asyncio.run(server.run(cfg, load))
+    if error:
+        print(f"streamscribe: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def _list_models(args: argparse.Namespace) -> int:
     """What `--model <family>` would load and where, without loading anything."""
     cfg = _configure(args, {"engine.device": args.device})
@@ -108,6 +146,7 @@ def _list_models(args: argparse.Namespace) -> int:
 
     rows = selection.describe_families(
         granite_nar_model=cfg.engine.granite_nar_model,
+        granite_ar_model=cfg.engine.granite_ar_model,
         whisper_model=cfg.engine.whisper_model,
         device=cfg.engine.device,
     )

@@ -68,6 +68,7 @@ class EngineConfig:
 
     model: str = "auto"
     granite_nar_model: str = "ibm-granite/granite-speech-4.1-2b-nar"
+    granite_ar_model: str = "ibm-granite/granite-speech-4.1-2b"
     whisper_model: str = "tiny.en"
     device: str = setting(
         "auto", pattern=r"auto|cpu|cuda(:\d+)?", expect="auto, cpu, cuda or cuda:N"

@@ -49,6 +49,7 @@ class Gateway:
         self.keys = {k.strip() for k in config.server.api_keys.split(",") if k.strip()}
         self.server: Server | None = None
         self.engine_error: str | None = None
+        self.loading: asyncio.Future | None = None
 
     @property
     def ready(self) -> bool:
@@ -65,7 +66,7 @@ class Gateway:
             ping_interval=20,
             ping_timeout=20,
         )
-        asyncio.get_running_loop().run_in_executor(None, self._load)
+        self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
         return self.server
 
     def _load(self) -> None:

@@ -306,16 +306,19 @@ def test_models_lists_every_family_with_source_and_device(no_gpu_no_loading, cap
     assert rows["granite-nar"] == ["yes", "cpu", "ibm-granite/granite-speech-4.1-2b-nar"]
     assert rows["whisper"][0].split()[0] == whisper_installed
     assert rows["whisper"][1:] == ["cpu", "tiny.en"]
-    assert set(rows) == {"granite-nar", "whisper"}
+    assert rows["granite-ar"] == ["yes", "cpu", "ibm-granite/granite-speech-4.1-2b"]
+    assert set(rows) == {"granite-nar", "granite-ar", "whisper"}
 
 
 def test_models_json_follows_configuration_and_flags(no_gpu_no_loading, monkeypatch, capsys):
     monkeypatch.setenv("STREAMSCRIBE_ENGINE__WHISPER_MODEL", "base")
     monkeypatch.setenv("STREAMSCRIBE_ENGINE__GRANITE_NAR_MODEL", "/models/granite-nar")
+    monkeypatch.setenv("STREAMSCRIBE_ENGINE__GRANITE_AR_MODEL", "/models/granite-ar")
     assert main(["models", "--json", "--device", "cuda:1"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by_family = {line["family"]: line for line in lines}
-    assert len(lines) == len(by_family) == 2
+    assert len(lines) == len(by_family) == 3
+    assert by_family["granite-ar"]["source"] == "/models/granite-ar"
     for line in lines:
         assert set(line) == {"family", "installed", "missing_packages", "source", "device"}
         assert line["device"] == "cuda:1"

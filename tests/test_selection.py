@@ -8,11 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from engine import selection, whisper
-from engine.api import ModelLoadError
+from engine.api import ModelLoadError, Segment
 from engine.selection import ModelChoice, choose_model
 
 GRANITE_ID = "ibm-granite/granite-speech-4.1-2b-nar"
@@ -102,7 +103,7 @@ def test_family_from_hub_id(cuda, hub_id, family):
 
 
 @pytest.mark.parametrize(
-    "hub_id", ["ibm-granite/granite-speech-4.1-2b", "facebook/wav2vec2-base-960h", "small"]
+    "hub_id", ["ibm-granite/granite-speech-4.1-2b-plus", "facebook/wav2vec2-base-960h", "small"]
 )
 def test_unknown_hub_id_is_refused(hub_id):
     with pytest.raises(ModelLoadError, match="cannot tell the model family of .*granite-nar"):
@@ -294,7 +295,8 @@ def test_unreachable_hub_id_fails_fast(hub_id):
 def test_describe_families(cuda):
     cuda(False)
     rows = {row["family"]: row for row in selection.describe_families()}
-    assert set(rows) == {"granite-nar", "whisper"}
+    assert set(rows) == {"granite-nar", "granite-ar", "whisper"}
+    assert rows["granite-ar"]["source"] == "ibm-granite/granite-speech-4.1-2b"
     assert rows["granite-nar"]["source"] == GRANITE_ID
     assert rows["whisper"]["source"] == "tiny.en"
     assert rows["granite-nar"]["device"] == rows["whisper"]["device"] == "cpu"
@@ -314,3 +316,57 @@ def test_describe_families_reports_missing_packages(cuda, monkeypatch):
         "device": "cuda",
     }
     assert rows["granite-nar"]["device"] == "cuda"
+
+
+# --- granite-ar ---------------------------------------------------------------------------
+
+
+def test_explicit_granite_ar_uses_its_configured_source(cuda):
+    cuda(False)
+    default = choose("granite-ar")
+    assert (default.family, default.source, default.device) == (
+        "granite-ar",
+        selection.DEFAULT_GRANITE_AR_MODEL,
+        "cpu",
+    )
+    assert "granite-ar" in default.reason
+    assert choose("granite-ar", granite_ar_model="/models/ar").source == "/models/ar"
+
+
+def test_granite_ar_folder(cuda, tmp_path):
+    cuda(True)
+    folder = make_folder(tmp_path / "ar", {"config.json": {"model_type": "granite_speech"}})
+    choice = choose(str(folder))
+    assert (choice.family, choice.source, choice.device) == ("granite-ar", str(folder), "cuda")
+    assert "granite_speech" in choice.reason
+
+
+@pytest.mark.parametrize(
+    "hub_id", ["ibm-granite/granite-speech-4.1-2b", "someone/Granite-Speech-3.3-8B-finetune"]
+)
+def test_granite_ar_from_hub_id(cuda, hub_id):
+    cuda(False)
+    choice = choose(hub_id)
+    assert (choice.family, choice.source) == ("granite-ar", hub_id)
+    assert "hub id" in choice.reason
+
+
+def test_load_engine_passes_the_granite_ar_source(cuda, monkeypatch):
+    cuda(False)
+    calls = []
+    monkeypatch.setattr(
+        selection,
+        "family_loader",
+        lambda family: lambda source, **o: calls.append((family, source)),
+    )
+    selection.load_engine("granite-ar", granite_nar_model=GRANITE_ID, granite_ar_model="/m/ar")
+    assert calls == [("granite-ar", "/m/ar")]
+
+
+def test_noop_family_for_load_tests(cuda):
+    cuda(True)
+    choice = selection.choose_model("noop:20")
+    assert (choice.family, choice.source, choice.device) == ("noop", "20", "cpu")
+    engine = selection.load_engine("noop", granite_nar_model=GRANITE_ID)
+    (hyp,) = engine.transcribe([Segment(np.zeros(16000, dtype=np.float32))])
+    assert hyp.text == "w0 w1 w2" and hyp.words[-1].end_ms == 900
