@@ -74,6 +74,7 @@ class Connection:
         self.closed_sent = asyncio.Event()  # `session.closed` (the last event) is on the wire
         self.audio_seen = False
         self.drain_at: float | None = None
+        self.wake = asyncio.Event()  # set to interrupt a wait for the next frame
         self.last_status = 0.0
         self.first_partial_sent: set[tuple[int, int]] = set()
         self.loop = asyncio.get_running_loop()
@@ -114,6 +115,7 @@ class Connection:
         """Server shutdown: read what the client already sent, flush, deliver the last finals,
         then close with 1001 (or 1013 if the grace period runs out first)."""
         self.drain_at = time.monotonic() + min(DRAIN_READ_S, grace_s)
+        self.loop.call_later(min(DRAIN_READ_S, grace_s), self.wake.set)
         try:
             await asyncio.wait_for(self.finished.wait(), grace_s)
         except TimeoutError:
@@ -131,7 +133,7 @@ class Connection:
             if self.drain_at is not None:
                 timeout = min(timeout, self.drain_at - now)
             try:
-                message = await asyncio.wait_for(self.ws.recv(), max(timeout, 0.001))
+                message = await self._next_message(max(timeout, 0.001))
             except TimeoutError:
                 if self.drain_at is not None and time.monotonic() >= self.drain_at:
                     await self._emit(session.close("shutdown"))
@@ -158,6 +160,19 @@ class Connection:
             while session.pending_finals >= server.max_pending_finals:
                 self.progress.clear()  # backpressure: stop reading until finals come back
                 await self.progress.wait()
+
+    async def _next_message(self, timeout: float) -> str | bytes:
+        """The next frame, or TimeoutError after `timeout` or as soon as a drain begins."""
+        receiving = asyncio.ensure_future(self.ws.recv())
+        woken = asyncio.ensure_future(self.wake.wait())
+        done, _ = await asyncio.wait(
+            (receiving, woken), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        woken.cancel()
+        if receiving in done:
+            return receiving.result()
+        receiving.cancel()  # websockets: a cancelled recv() loses no data
+        raise TimeoutError
 
     async def _apply(self, command: Command) -> bool:
         """Carry out one command; False when the connection must stop reading."""

@@ -171,12 +171,9 @@ def _api_key(request: Request) -> str | None:
     return dict(parse_qsl(urlsplit(request.path).query)).get("api_key")
 
 
-async def run(
-    config: Config,
-    load_engine: Callable[[], Engine],
-    on_ready: Callable[[Gateway], None] | None = None,
-) -> None:
-    """Serve until SIGTERM/SIGINT, then drain."""
+async def run(config: Config, load_engine: Callable[[], Engine]) -> str | None:
+    """Serve until SIGTERM/SIGINT, then drain. Returns the reason when the engine could not be
+    loaded (the process should exit with an error), else None."""
     gateway = Gateway(config, load_engine)
     await gateway.start()
     log.warning("listening", extra={"host": config.server.host, "port": gateway.port})
@@ -184,8 +181,11 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if on_ready is not None:
-        on_ready(gateway)
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((stopping, gateway.loading), return_when=asyncio.FIRST_COMPLETED)
+    if gateway.engine_error is None:
+        await stopping
+    stopping.cancel()
     log.warning("draining", extra={"sessions": len(gateway.connections)})
     await gateway.drain()
+    return gateway.engine_error

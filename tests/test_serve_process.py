@@ -1,0 +1,91 @@
+"""`streamscribe serve` as its own process: start-up, SIGTERM drain, fail-fast model errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from websockets.asyncio.client import connect
+
+from tests.gateway_harness import collect, http_get
+from tests.streams import RATE, chunks, librivox_clips, to_s16le
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streaming",
+            "--log-level",
+            "info",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *args,
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        record = json.loads(line)
+        if record.get("msg") == "listening":
+            return proc, record["port"]
+    proc.kill()
+    raise AssertionError("server did not report its port")
+
+
+def test_sigterm_drains_open_streams_then_exits():
+    speech = librivox_clips()[0][1]
+    proc, port = start_server("--model", "noop")
+    try:
+
+        async def main():
+            for _ in range(100):
+                if (await http_get(port, "/readyz"))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            async with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+                await ws.recv()
+                for chunk in chunks(to_s16le(speech[: RATE * 3]), 3200):  # mid-utterance
+                    await ws.send(chunk)
+                await asyncio.sleep(0.2)
+                proc.send_signal(signal.SIGTERM)
+                messages = await collect(ws, timeout_s=30)
+                await ws.wait_closed()
+                return messages, ws.close_code
+
+        messages, code = asyncio.run(main())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    kinds = [m["type"] for m in messages]
+    assert "transcript.final" in kinds and kinds[-1] == "session.closed"
+    assert messages[-1]["reason"] == "shutdown" and code == 1001
+
+
+def test_model_that_cannot_load_stops_the_server(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "streaming", "serve", "--port", "0", "--model", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "cannot tell the model family" in proc.stderr and "Traceback" not in proc.stderr
