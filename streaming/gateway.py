@@ -50,6 +50,10 @@ STATUS_EVERY_S = 1.0
 DRAIN_READ_S = 0.5  # on shutdown, frames already sent are still read for this long
 
 
+class SlowClient(Exception):
+    """The client stopped reading: a send did not complete within the idle timeout."""
+
+
 class Connection:
     def __init__(
         self,
@@ -86,6 +90,8 @@ class Connection:
             await self._run()
         except ConnectionClosed:
             pass  # abrupt disconnect: nothing to send any more
+        except SlowClient:
+            self._drop_slow_client()
         finally:
             self._abandon()
             self.finished.set()
@@ -243,7 +249,10 @@ class Connection:
                 continue
             self._observe(item)
             for frame in self.dialect.encode(item):
-                await asyncio.wait_for(self.ws.send(frame), self.config.server.idle_timeout_s)
+                try:
+                    await asyncio.wait_for(self.ws.send(frame), self.config.server.idle_timeout_s)
+                except TimeoutError:
+                    raise SlowClient from None
             if isinstance(item, SessionClosed):
                 self.closed_sent.set()
 
@@ -290,7 +299,10 @@ class Connection:
             )
             try:
                 await self._emit(outputs)
-            except (ConnectionClosed, TimeoutError):
+            except ConnectionClosed:
+                return
+            except SlowClient:
+                self._drop_slow_client()
                 return
             finally:
                 self.progress.set()
@@ -311,6 +323,13 @@ class Connection:
         if lag_ms >= self.config.server.status_lag_ms:
             self.last_status = now
             await self._emit(self.session.status(lag_ms, queued_ms))
+
+    def _drop_slow_client(self) -> None:
+        """Nothing more can be sent, not even a close frame: cut the TCP connection so that
+        its buffers and the session are freed."""
+        log.warning("client stopped reading; connection dropped", extra={"session": self.id})
+        self.metrics.errors.labels("slow_client").inc()
+        self.ws.transport.abort()
 
     def _abandon(self) -> None:
         """Free what the connection holds: pending partials never need computing now."""

@@ -267,3 +267,46 @@ def test_abrupt_disconnect_frees_the_session(speech):
 
     connections, queues = asyncio.run(main())
     assert connections == 0 and queues["partial"] == 0
+
+
+class StuckSocket:
+    """A peer that never reads: every send waits forever."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.aborted = False
+
+    async def recv(self):
+        await asyncio.Event().wait()
+
+    async def send(self, frame) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await asyncio.Event().wait()
+
+    async def wait_closed(self) -> None:
+        await asyncio.Event().wait()
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_client_that_stops_reading_is_dropped():
+    """A send that waits longer than the idle timeout means the client stopped reading: the
+    connection is cut (not buffered without bound) and its session freed."""
+    from engine.scheduler import Scheduler
+    from streaming.dialects.native import NativeDialect
+    from streaming.gateway import Connection
+    from streaming.metrics import Metrics
+
+    async def main():
+        ws, metrics = StuckSocket(), Metrics()
+        config = gateway_config(idle_timeout_s=0.2)
+        conn = Connection(ws, NativeDialect(), {}, config, Scheduler(EchoEngine()), metrics)
+        await asyncio.wait_for(conn.run(), 5)
+        return ws.aborted, conn.finished.is_set(), metrics.render().decode()
+
+    aborted, finished, metrics = asyncio.run(main())
+    assert aborted and finished
+    assert 'streamscribe_errors_total{code="slow_client"} 1.0' in metrics
