@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import yaml
 from tqdm import tqdm
 
+from clients.stream_cli import add_stream_command
 from engine.api import Engine, Hypothesis, ModelLoadError, Segment
 from streaming.config import Config, ConfigError, load_config
 from streaming.logs import setup_logging
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
     serve.set_defaults(run=_serve)
+
+    add_stream_command(commands)
 
     config = commands.add_parser("config", help="print the effective configuration as YAML")
     config.set_defaults(run=_print_config)

@@ -1,0 +1,301 @@
+"""`streamscribe stream`: send a file or raw PCM from stdin to a server and show the text live.
+
+On a terminal the open partials are one line rewritten in place (the volatile tail dim and
+italic, unless NO_COLOR is set) and each final gets its own line; anywhere else only finals are
+printed, so a pipe or a file gets a clean transcript. `--json` prints every server message.
+Exit status: 0 success, 1 the server ended the session with an error, 2 connection or usage
+error, 130 interrupted (the first Ctrl-C stops the audio and still flushes; a second one quits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+
+from clients.client import DEFAULT_URL, ClientError, SessionError, stream_file, stream_pcm
+
+if TYPE_CHECKING:
+    from streaming.audio import AudioFormat
+
+EXIT_OK, EXIT_SESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+RAW_FORMAT = ("encoding", "sample_rate", "channels")  # flags for stdin; a file has a header
+STDIN_QUEUE_CHUNKS = 16  # how far reading stdin may run ahead of sending
+VOLATILE_STYLE, RESET = "\x1b[2;3m", "\x1b[0m"  # dim italic
+CLEAR_LINE = "\r\x1b[2K"
+
+
+def add_stream_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `stream` to a command line's subparsers; it runs through `args.run(args)`."""
+    stream = subparsers.add_parser(
+        "stream",
+        help="stream a WAV/FLAC file, or raw PCM from stdin (-), to a server; print the text",
+        description="Stream audio to a streamscribe server and print transcripts as they come.",
+    )
+    stream.add_argument("source", metavar="FILE|-", help="WAV/FLAC file, or - for raw stdin")
+    stream.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    stream.add_argument("--realtime", action="store_true", help="pace the audio like a live source")
+    stream.add_argument("--json", action="store_true", help="every server message as a JSON line")
+    stream.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("STREAMSCRIBE_API_KEY"),
+        help="sent as Authorization: Bearer (default $STREAMSCRIBE_API_KEY)",
+    )
+    stream.add_argument(
+        "--encoding", help="raw stdin only: pcm_s16le (default), pcm_f32le, mulaw or alaw"
+    )
+    stream.add_argument(
+        "--sample-rate", type=int, metavar="HZ", help="raw stdin only (default 16000)"
+    )
+    stream.add_argument("--channels", type=int, help="raw stdin only: 1 (default) or 2")
+    stream.add_argument(
+        "--frame-ms", type=_frame_ms, default=100, metavar="MS", help="audio per frame (100)"
+    )
+    stream.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="a session option, e.g. -o hangover_ms=800 (repeatable)",
+    )
+    stream.set_defaults(run=run_stream)
+    return stream
+
+
+def _frame_ms(value: str) -> int:
+    number = int(value)
+    if not 10 <= number <= 1000:
+        raise argparse.ArgumentTypeError("must be 10..1000")
+    return number
+
+
+def _option(value: str) -> tuple[str, str]:
+    key, sep, setting = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key.strip(), setting.strip()
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    """The `stream` command: returns the exit status."""
+    # Imported on use: they load scipy (~1 s), and every `streamscribe` command imports this.
+    from streaming.audio import AudioFormat, AudioFormatError
+    from streaming.audiofile import AudioFileError
+
+    raw = {key: getattr(args, key) for key in RAW_FORMAT if getattr(args, key) is not None}
+    if raw and args.source != "-":
+        flags = ", ".join("--" + key.replace("_", "-") for key in raw)
+        return _fail(f"{flags}: only for raw stdin (-); a file's header says it")
+    fixed = sorted({key for key, _ in args.option} & set(RAW_FORMAT))
+    if fixed:
+        return _fail(f"-o {', '.join(fixed)}: use --encoding, --sample-rate, --channels")
+    audio_format = None
+    if args.source == "-":
+        if sys.stdin.isatty():
+            return _fail("stdin is a terminal; pipe raw PCM into it, e.g. from arecord or ffmpeg")
+        try:
+            audio_format = AudioFormat(**raw)
+        except AudioFormatError as err:
+            return _fail(str(err))
+    try:
+        return asyncio.run(_stream(args, audio_format, sys.stdout))
+    except (ClientError, AudioFileError) as err:
+        return _fail(str(err))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str) -> int:
+    print(f"streamscribe stream: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+async def _stream(args: argparse.Namespace, raw: AudioFormat | None, out: TextIO) -> int:
+    """Stream a file, or stdin in the `raw` format, and print; returns the exit status."""
+    stop = asyncio.Event()
+    _on_interrupt(stop)
+    options: dict[str, Any] = {"api_key": args.api_key, **dict(args.option)}
+    if raw is not None:
+        size = raw.frame_bytes * max(1, raw.sample_rate * args.frame_ms // 1000)
+        events = stream_pcm(
+            args.url,
+            read_chunks(sys.stdin.buffer, size),
+            realtime=args.realtime,
+            stop=stop,
+            encoding=raw.encoding,
+            sample_rate=raw.sample_rate,
+            channels=raw.channels,
+            **options,
+        )
+    else:
+        events = stream_file(
+            args.url,
+            args.source,
+            realtime=args.realtime,
+            frame_ms=args.frame_ms,
+            stop=stop,
+            **options,
+        )
+    show = JsonPrinter(out) if args.json else TextPrinter(out)
+    try:
+        async for event in events:
+            show(event)
+    except SessionError as err:
+        show.finish()
+        if err.code not in show.reported:  # else the printer has shown the server's error
+            print(f"streamscribe stream: session error: {err}", file=sys.stderr)
+        return EXIT_SESSION
+    finally:
+        show.finish()
+    return EXIT_INTERRUPTED if stop.is_set() else EXIT_OK
+
+
+def _on_interrupt(stop: asyncio.Event) -> None:
+    """First Ctrl-C: stop the audio and let the session flush; second: cancel everything."""
+    task = asyncio.current_task()
+
+    def interrupted() -> None:
+        if stop.is_set():
+            task.cancel()
+        stop.set()
+
+    # Not possible off the main thread or on Windows: Ctrl-C then stops at once (exit 130).
+    with contextlib.suppress(RuntimeError, NotImplementedError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted)
+
+
+async def read_chunks(stream: BinaryIO, size: int) -> AsyncIterator[bytes]:
+    """Chunks of `size` bytes from a blocking binary stream (stdin), read in a daemon thread so
+    that neither the event loop nor the process exit waits on a read that may never return."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | OSError] = asyncio.Queue(STDIN_QUEUE_CHUNKS)
+
+    def deliver(item: bytes | OSError) -> bool:
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return False  # the loop has finished; nobody is listening any more
+        return True
+
+    def pump() -> None:
+        try:
+            while (chunk := stream.read(size)) and deliver(chunk):
+                pass
+        except OSError as err:
+            deliver(err)
+            return
+        deliver(b"")
+
+    threading.Thread(target=pump, name="stdin-reader", daemon=True).start()
+    while item := await queue.get():
+        if isinstance(item, OSError):
+            raise item
+        yield item
+
+
+class JsonPrinter:
+    """Every server message as one JSON line, flushed at once for whoever reads the pipe."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.reported: set[str] = set()  # errors go to stdout here, so stderr gets them too
+
+    def __call__(self, event: dict) -> None:
+        self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        pass
+
+
+class TextPrinter:
+    """Finals one per line (`[channel] text` for stereo); on a terminal, partials on a live line."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        live: bool | None = None,
+        color: bool | None = None,
+        width: Callable[[], int] | None = None,
+    ) -> None:
+        self.out = out
+        self.live = out.isatty() if live is None else live
+        self.color = (self.live and "NO_COLOR" not in os.environ) if color is None else color
+        self.width = width or (lambda: shutil.get_terminal_size().columns)
+        self.stereo = False
+        self.partials: dict[int, tuple[str, str]] = {}
+        self.drawn = False
+        self.reported: set[str] = set()  # error codes shown on stderr
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "session.started":
+            self.stereo = event.get("config", {}).get("channels", 1) > 1
+        elif kind == "transcript.partial" and self.live:
+            self.partials[event["channel"]] = (event["stable_text"], event["volatile_text"])
+            self._draw()
+        elif kind == "transcript.final":
+            self.partials.pop(event["channel"], None)
+            if event["text"]:
+                self._clear()
+                self.out.write(f"{self._prefix(event['channel'])}{event['text']}\n")
+            self._draw()
+        elif kind == "error":
+            self._clear()
+            self.out.flush()
+            self.reported.add(event["code"])
+            print(
+                f"streamscribe stream: server error: {event['code']}: {event['message']}",
+                file=sys.stderr,
+            )
+            self._draw()
+
+    def finish(self) -> None:
+        self._clear()
+        self.out.flush()
+
+    def _prefix(self, channel: int) -> str:
+        return f"[{channel}] " if self.stereo else ""
+
+    def _clear(self) -> None:
+        if self.drawn:
+            self.out.write(CLEAR_LINE)
+            self.drawn = False
+
+    def _draw(self) -> None:
+        """Rewrite the live line: each channel's open partial, trimmed to the terminal's width
+        from the left so the newest words stay visible and the line never wraps."""
+        if not self.live:
+            self.out.flush()
+            return
+        runs: list[tuple[str, bool]] = []
+        for channel, (stable, volatile) in sorted(self.partials.items()):
+            if runs:
+                runs.append(("  ", False))
+            runs.append((self._prefix(channel) + stable, False))
+            if volatile:
+                runs += [(" " if stable else "", False), (volatile, True)]
+        excess = sum(len(text) for text, _ in runs) - (self.width() - 1)
+        line = []
+        for text, volatile in runs:
+            if excess > 0:
+                cut = min(excess, len(text))
+                text, excess = text[cut:], excess - cut
+            if text and volatile and self.color:
+                text = f"{VOLATILE_STYLE}{text}{RESET}"
+            line.append(text)
+        self.out.write(CLEAR_LINE + "".join(line))
+        self.drawn = bool(runs)
+        self.out.flush()
