@@ -310,3 +310,54 @@ def test_client_that_stops_reading_is_dropped():
     aborted, finished, metrics = asyncio.run(main())
     assert aborted and finished
     assert 'streamscribe_errors_total{code="slow_client"} 1.0' in metrics
+
+
+def test_audio_faster_than_real_time_is_held_back_not_buffered(speech):
+    """With a slow engine, a client blasting audio is read only as fast as finals come back."""
+
+    async def main():
+        config = gateway_config(max_pending_finals=1)
+        async with running(config, EchoEngine(delay_s=0.3)) as gw:
+            peak = 0
+
+            async def watch():
+                nonlocal peak
+                while True:
+                    for conn in list(gw.connections):
+                        if conn.session is not None:
+                            peak = max(peak, conn.session.pending_finals)
+                    await asyncio.sleep(0.005)
+
+            watcher = asyncio.create_task(watch())
+            async with connect(url(gw, "?interim_results=false")) as ws:
+                await ws.recv()
+                await send_audio(ws, joined(speech * 2, silence_s=1.0))
+                await ws.send(json.dumps({"type": "close"}))
+                messages = await collect(ws)
+            watcher.cancel()
+            return peak, messages
+
+    peak, messages = asyncio.run(main())
+    assert peak == 1
+    assert [m["type"] for m in messages].count("transcript.final") == 4
+
+
+def test_status_reports_lag_when_the_engine_falls_behind(speech):
+    async def main():
+        config = gateway_config(status_lag_ms=100.0)
+        async with running(config, EchoEngine(delay_s=0.5)) as gw:
+            async with connect(url(gw, "?interim_results=false")) as ws:
+                await ws.recv()
+                for clip in speech * 2:
+                    await send_audio(ws, joined([clip], silence_s=0.6))
+                    await asyncio.sleep(0.05)
+                for _ in range(20):  # keep audio flowing so the session can report
+                    await ws.send(b"\x00\x00" * 1600)
+                    await asyncio.sleep(0.05)
+                await ws.send(json.dumps({"type": "close"}))
+                return await collect(ws)
+
+    messages = asyncio.run(main())
+    statuses = [m for m in messages if m["type"] == "status"]
+    assert statuses and statuses[0]["lag_ms"] >= 100 and statuses[0]["queued_audio_ms"] > 0
+    assert [m["type"] for m in messages].count("transcript.final") == 4
