@@ -17,13 +17,11 @@ import json
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Generator, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
-import soundfile as sf
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -380,18 +378,9 @@ def read_pcm(path: str | os.PathLike) -> tuple[bytes, int, int]:
     # Imported on use: they load scipy (~1 s), and every `streamscribe` command imports this.
     from engine.audio import resample
     from streaming.audio import SAMPLE_RATES
-    from streaming.audiofile import AudioFileError
+    from streaming.audiofile import read_channels
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioFileError(f"{path}: no such file")
-    try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except sf.SoundFileError as err:
-        reason = getattr(err, "error_string", "") or str(err)
-        raise AudioFileError(f"{path}: cannot read audio ({reason.strip()})") from None
-    if data.shape[0] == 0:
-        raise AudioFileError(f"{path}: contains no audio samples")
+    data, rate = read_channels(path)
     if data.shape[1] > 2:
         data = data.mean(axis=1, keepdims=True)
     if rate not in SAMPLE_RATES:

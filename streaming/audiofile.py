@@ -33,11 +33,8 @@ def _check_path(path: Path) -> None:
         raise AudioFileError(f"{path}: file is empty")
 
 
-def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Return (samples, sample_rate): float32 mono at the file's own rate.
-
-    Multi-channel files are mixed down by averaging the channels.
-    """
+def read_channels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Return (samples [frames, channels] float32, sample_rate) at the file's own rate."""
     path = Path(path)
     _check_path(path)
     try:
@@ -47,8 +44,17 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioFileError(f"{path}: cannot read audio ({reason.strip()})") from None
     if data.shape[0] == 0:
         raise AudioFileError(f"{path}: contains no audio samples")
+    return data, int(sample_rate)
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Return (samples, sample_rate): float32 mono at the file's own rate.
+
+    Multi-channel files are mixed down by averaging the channels.
+    """
+    data, sample_rate = read_channels(path)
     samples = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
-    return np.ascontiguousarray(samples, dtype=np.float32), int(sample_rate)
+    return np.ascontiguousarray(samples, dtype=np.float32), sample_rate
 
 
 def read_audio_16k(path: str | os.PathLike) -> np.ndarray:
