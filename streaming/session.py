@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.api import TARGET_SAMPLE_RATE, Hypothesis, Word
 from streaming.audio import AudioDecoder, AudioFormat
+from streaming.captions import CaptionConfig, Captions
 from streaming.config import SessionConfig
 from streaming.events import (
     EngineRequest,
@@ -96,6 +97,16 @@ class Session:
         self.samples = 0  # 16 kHz samples received per channel
         self.stats = SessionStats()
         self.hotwords: tuple[str, ...] = ()
+        self.captions = Captions(
+            CaptionConfig(
+                mode=options.captions_mode,
+                preset=options.captions_preset,
+                rows=options.captions_rows,
+                hold_back_words=options.captions_hold_back_words,
+                timecode_origin_ms=options.timecode_origin_ms,
+            ),
+            options.channels,
+        )
 
     # --- calls from the dialect -------------------------------------------------------------
 
@@ -163,11 +174,14 @@ class Session:
                     f"segment {request.segment_id} could not be transcribed: {error or 'dropped'}",
                     channel=request.channel,
                     segment_id=request.segment_id,
-                )
+                ),
+                *self.captions.final(request.channel, request.segment_id, None),
             ]
             return out + self._maybe_closed()
+        final = self._final(channel, request, pending, hypothesis, queue_ms, compute_ms)
         return [
-            self._final(channel, request, pending, hypothesis, queue_ms, compute_ms),
+            final,
+            *self.captions.final(request.channel, request.segment_id, final.words),
             *self._maybe_closed(),
         ]
 
@@ -217,28 +231,26 @@ class Session:
         channel.partial_audio_ms.pop(seg, None)
         channel.partial_rev.pop(seg, None)
         channel.shown_rev.pop(seg, None)
+        self.captions.closed(channel.index, seg)
         return [EngineRequest("final", channel.index, seg, 0, event.audio, self.hotwords)]
 
     def _maybe_partial(self, channel: ChannelState) -> list[Output]:
         if not self.options.interim_results:
             return []
-        current = channel.segmenter.open_segment()
-        if current is None:
+        span = channel.segmenter.open_span()
+        if span is None:
             return []
-        covered = ms(len(current.audio))
-        last = channel.partial_audio_ms.get(current.segment_id, 0)
-        if covered - last < self.options.partial_interval_ms:
+        segment_id, start, end = span
+        covered = ms(end - start)
+        if covered - channel.partial_audio_ms.get(segment_id, 0) < self.options.partial_interval_ms:
             return []
         # A segment opens with speech, or continues speech after a split at the maximum length.
-        channel.trackers.setdefault(current.segment_id, StabilityTracker(self.stability))
-        rev = channel.partial_rev.get(current.segment_id, 0) + 1
-        channel.partial_rev[current.segment_id] = rev
-        channel.partial_audio_ms[current.segment_id] = covered
-        return [
-            EngineRequest(
-                "partial", channel.index, current.segment_id, rev, current.audio, self.hotwords
-            )
-        ]
+        channel.trackers.setdefault(segment_id, StabilityTracker(self.stability))
+        rev = channel.partial_rev.get(segment_id, 0) + 1
+        channel.partial_rev[segment_id] = rev
+        channel.partial_audio_ms[segment_id] = covered
+        audio = channel.segmenter.open_segment().audio
+        return [EngineRequest("partial", channel.index, segment_id, rev, audio, self.hotwords)]
 
     def _on_partial(
         self, channel: ChannelState, request: EngineRequest, hypothesis: Hypothesis | None
@@ -247,13 +259,13 @@ class Session:
         shown = channel.shown_rev.get(request.segment_id, 0)
         if hypothesis is None or tracker is None or request.rev <= shown:
             return []  # dropped, segment already final, or an older answer arriving late
-        current = channel.segmenter.open_segment()
-        if current is None or current.segment_id != request.segment_id:
+        span = channel.segmenter.open_span()
+        if span is None or span[0] != request.segment_id:
             return []
         channel.shown_rev[request.segment_id] = request.rev
         partial = tracker.update(hypothesis.words, ms(len(request.audio)))
         self.stats.partials_sent += 1
-        start_ms = ms(current.start_sample)
+        start_ms = ms(span[1])
         return [
             PartialTranscript(
                 channel=channel.index,
@@ -264,7 +276,10 @@ class Session:
                 stable_text=partial.stable_text,
                 volatile_text=partial.volatile_text,
                 words=_shift([*partial.stable, *partial.volatile], start_ms),
-            )
+            ),
+            *self.captions.stable(
+                channel.index, request.segment_id, _shift(partial.stable, start_ms)
+            ),
         ]
 
     def _final(

@@ -281,6 +281,13 @@ class Segmenter:
             return None
         return OpenSegment(self._seg_id, self._seg_start, self._audio(self._seg_start, self._pos))
 
+    def open_span(self) -> tuple[int, int, int] | None:
+        """(segment_id, start_sample, end_sample) of the open segment, without copying its
+        audio: the session asks on every frame, and wants the audio only when a partial is due."""
+        if self._state != _OPEN:
+            return None
+        return self._seg_id, self._seg_start, self._pos
+
     def _feed_block(self, samples: np.ndarray, events: list[Event]) -> None:
         frame = self._frame
         # Our own copy either way: kept audio must not alias the caller's buffer.
