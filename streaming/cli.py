@@ -7,18 +7,21 @@ model, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TextIO
 
 import yaml
 from tqdm import tqdm
 
 from clients.stream_cli import add_stream_command
 from engine.api import Engine, Hypothesis, ModelLoadError, Segment
+from streaming.captions import cues_from_words, to_srt, to_vtt
 from streaming.config import Config, ConfigError, load_config
 from streaming.logs import setup_logging
 
@@ -28,6 +31,9 @@ EXIT_OK = 0
 EXIT_UNREADABLE = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+FORMATS = ("txt", "json", "srt", "vtt")
+CAPTION_FORMATS = {"srt": to_srt, "vtt": to_vtt}
 
 # A batch keeps files in the order given: each is read audio, or the reason it could not be read.
 Batch = list[tuple[str, "Segment | str"]]
@@ -59,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, metavar="N", help="most files per engine call (engine.max_batch)"
     )
     transcribe.add_argument(
-        "--json", action="store_true", help="one JSON object per file with words and times"
+        "--format",
+        choices=FORMATS,
+        default="txt",
+        help="txt: the text; json: one object per file with words and times; srt or vtt: "
+        "captions of one file",
     )
+    transcribe.add_argument(
+        "--json", action="store_const", const="json", dest="format", help="--format json"
+    )
+    transcribe.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     transcribe.add_argument(
         "--progress", action="store_true", help="show a progress bar even when not on a terminal"
     )
@@ -78,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (server.host)")
     serve.add_argument("--port", type=int, help="port to listen on (server.port)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="port of POST /v1/audio/transcriptions; 0 picks a free one, -1 turns it off "
+        "(server.http_port)",
+    )
     serve.add_argument(
         "--model", metavar="PATH_OR_ID", help="auto, a family, a folder or a hub id (engine.model)"
     )
@@ -127,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         {
             "server.host": args.host,
             "server.port": args.port,
+            "server.http_port": args.http_port,
             "engine.model": args.model,
             "engine.device": args.device,
         },
@@ -169,6 +191,9 @@ def _list_models(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
+    if args.format in CAPTION_FORMATS and len(args.files) > 1:
+        print(f"streamscribe: error: --format {args.format} takes one file", file=sys.stderr)
+        return EXIT_ERROR
     cfg = _configure(
         args,
         {"engine.model": args.model, "engine.device": args.device, "engine.max_batch": args.batch},
@@ -196,16 +221,24 @@ def _transcribe(args: argparse.Namespace) -> int:
     )
     show_bar = args.progress or (len(args.files) >= 2 and sys.stderr.isatty())
     unreadable = 0
-    with tqdm(total=len(args.files), unit="file", file=sys.stderr, disable=not show_bar) as bar:
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as exc:
+        print(f"streamscribe: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+    with (
+        out if args.output else contextlib.nullcontext(),
+        tqdm(total=len(args.files), unit="file", file=sys.stderr, disable=not show_bar) as bar,
+    ):
         for batch in _batches(args.files, read, cfg.engine.max_batch):
             for path, result in _run_batch(engine, batch):
                 if isinstance(result, Hypothesis):
-                    _write_result(path, result, args.json, several=len(args.files) > 1)
+                    _write_result(out, path, result, args.format, several=len(args.files) > 1)
                 else:
                     unreadable += 1
-                    _write_error(path, result, args.json)
+                    _write_error(out, path, result, args.format)
                 bar.update()
-            sys.stdout.flush()
+            out.flush()
     return EXIT_UNREADABLE if unreadable else EXIT_OK
 
 
@@ -247,15 +280,18 @@ def _run_batch(engine: Engine, batch: Batch) -> list[tuple[str, Hypothesis | str
     return [(path, next(found) if isinstance(item, Segment) else item) for path, item in batch]
 
 
-def _write_result(path: str, hyp: Hypothesis, as_json: bool, several: bool) -> None:
-    if as_json:
+def _write_result(out: TextIO, path: str, hyp: Hypothesis, fmt: str, several: bool) -> None:
+    if fmt in CAPTION_FORMATS:
+        out.write(CAPTION_FORMATS[fmt](cues_from_words(hyp.words)))
+        return
+    if fmt == "json":
         line = json.dumps({"file": path, **hyp.to_dict()}, ensure_ascii=False)
     else:
         line = f"{path}: {hyp.text}" if several else hyp.text
-    tqdm.write(line, file=sys.stdout)
+    tqdm.write(line, file=out)
 
 
-def _write_error(path: str, reason: str, as_json: bool) -> None:
+def _write_error(out: TextIO, path: str, reason: str, fmt: str) -> None:
     tqdm.write(f"streamscribe: {reason}", file=sys.stderr)  # the reason names the file
-    if as_json:
-        tqdm.write(json.dumps({"file": path, "error": reason}, ensure_ascii=False), file=sys.stdout)
+    if fmt == "json":
+        tqdm.write(json.dumps({"file": path, "error": reason}, ensure_ascii=False), file=out)

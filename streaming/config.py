@@ -104,6 +104,16 @@ class ServerConfig:
     max_pending_finals: int = setting(8, ge=1)
     status_lag_ms: float = setting(1000.0, gt=0)
     api_keys: str = ""
+    call_subscriber_hold_s: float = setting(30.0, gt=0)
+    webhook_url: str = setting(
+        "", pattern=r"(https?://\S+)?", expect="empty (off) or an http:// or https:// URL"
+    )
+    webhook_retries: int = setting(3, ge=0)
+    audiosocket_port: int = setting(0, ge=0, le=65535)
+    http_port: int = setting(8766, ge=-1, le=65535)
+    max_upload_bytes: int = setting(26214400, ge=1024)
+    caption_sessions: int = setting(100, ge=1)
+    caption_cues: int = setting(100000, ge=1)
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,11 @@ class SessionConfig:
     energy_gate_dbfs: float = setting(-45.0, le=0)
     stable_agreement: int = setting(2, ge=1)
     stable_settle_ms: int = setting(1200, ge=0)
+    captions_mode: str = setting("off", choices=("off", "rollup", "popon"))
+    captions_preset: int = setting(42, allowed=(32, 37, 42))
+    captions_rows: int = setting(2, allowed=(2, 3))
+    captions_hold_back_words: int = setting(1, ge=0, le=10)
+    timecode_origin_ms: int = setting(0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,34 @@ class SessionClosed:
     reason: str
 
 
+@dataclass(frozen=True)
+class CaptionAppend:
+    """Roll-up captions (streaming/captions.py): `text` is appended to the current row as is,
+    or starts a new row when `row_break`; never retracted."""
+
+    channel: int
+    text: str
+    row_break: bool
+    speaker_change: bool  # the row starts with ">> "
+    rows: int  # rows the roll-up display keeps
+    start_ms: int  # audio time of its first and last word
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class CaptionCue:
+    """A pop-on caption (streaming/captions.py): at most two lines, shown start_ms..end_ms."""
+
+    id: int
+    channel: int
+    start_ms: int
+    end_ms: int
+    lines: list[str]
+    speech_end_ms: int  # end of the audio of its last word
+    start_tc: str  # programme time (audio time + timecode origin), HH:MM:SS.mmm
+    end_tc: str
+
+
 Event = (
     SessionStarted
     | SpeechStarted
@@ -97,6 +125,8 @@ Event = (
     | Status
     | ErrorEvent
     | SessionClosed
+    | CaptionAppend
+    | CaptionCue
 )
 
 

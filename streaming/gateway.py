@@ -19,6 +19,8 @@ from websockets.exceptions import ConnectionClosed
 
 from engine.api import Segment
 from engine.scheduler import Outcome, Request, Scheduler
+from streaming.calls import CallHub
+from streaming.captions import CaptionStore
 from streaming.config import Config, ConfigError, override_section
 from streaming.dialects.base import (
     Audio,
@@ -29,14 +31,18 @@ from streaming.dialects.base import (
     Finalize,
     KeepAlive,
     Reject,
+    Reply,
     Update,
 )
 from streaming.events import (
+    CaptionAppend,
+    CaptionCue,
     EngineRequest,
     ErrorEvent,
     FinalTranscript,
     PartialTranscript,
     SessionClosed,
+    SessionStarted,
 )
 from streaming.metrics import Metrics
 from streaming.session import Output, Session
@@ -63,6 +69,8 @@ class Connection:
         config: Config,
         scheduler: Scheduler,
         metrics: Metrics,
+        calls: CallHub | None = None,
+        captions: CaptionStore | None = None,
     ) -> None:
         self.ws = ws
         self.dialect = dialect
@@ -70,6 +78,8 @@ class Connection:
         self.config = config
         self.scheduler = scheduler
         self.metrics = metrics
+        self.calls = calls
+        self.captions = captions  # pop-on cues kept for GET .../captions.vtt|srt
         self.id = uuid.uuid4().hex
         self.session: Session | None = None
         self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
@@ -94,18 +104,23 @@ class Connection:
             self._drop_slow_client()
         finally:
             self._abandon()
+            if self.calls is not None:
+                self.calls.end(getattr(self.dialect, "call_id", None), self.id)
             self.finished.set()
 
     async def _run(self) -> None:
         opening = self.dialect.opening(self.query)
+        if opening.error is not None:
+            await self._fail("invalid_config", opening.error, CLOSE_BAD_CONFIG)
+            return
         try:
             options = override_section(
                 "session", self.config.session, opening.options, "query string"
             )
-        except ConfigError as err:
+            self.session = Session(self.id, options)
+        except (ConfigError, ValueError) as err:
             await self._fail("invalid_config", str(err), CLOSE_BAD_CONFIG)
             return
-        self.session = Session(self.id, options)
         self.session.hotwords = opening.hotwords
         results = asyncio.create_task(self._deliver_results())
         try:
@@ -140,6 +155,12 @@ class Connection:
                 timeout = min(timeout, self.drain_at - now)
             try:
                 message = await self._next_message(max(timeout, 0.001))
+            except ConnectionClosed:
+                if not self._carries_call():
+                    raise
+                for command in self.dialect.on_hangup():  # flush the call for its subscribers
+                    await self._apply(command)
+                return
             except TimeoutError:
                 if self.drain_at is not None and time.monotonic() >= self.drain_at:
                     await self._emit(session.close("shutdown"))
@@ -202,10 +223,10 @@ class Connection:
                 options = override_section(
                     "session", session.options, command.options, "session.start"
                 )
-            except ConfigError as err:
+                self.session = Session(self.id, options)
+            except (ConfigError, ValueError) as err:  # ValueError: options that clash
                 await self._fail("invalid_config", str(err), CLOSE_BAD_CONFIG)
                 return False
-            self.session = Session(self.id, options)
             self.session.hotwords = command.hotwords or session.hotwords
             await self._emit(self.session.start())
         elif isinstance(command, Update):
@@ -230,13 +251,17 @@ class Connection:
                 await self._fail(command.code, command.message, command.close_code)
                 return False
             await self._emit([ErrorEvent(command.code, command.message)])
+        elif isinstance(command, Reply):
+            await self._emit([command.message])
         elif not isinstance(command, KeepAlive):
             raise TypeError(f"unknown command {command!r}")
         return True
 
     async def _fail(self, code: str, message: str, close_code: int) -> None:
         self.metrics.errors.labels(code).inc()
-        for frame in self.dialect.encode(ErrorEvent(code, message, fatal=True)):
+        error = ErrorEvent(code, message, fatal=True)
+        self._publish(error)
+        for frame in self.dialect.encode(error):
             await self.ws.send(frame)
         await self.ws.close(close_code, code)
 
@@ -248,13 +273,26 @@ class Connection:
                 self._submit(item)
                 continue
             self._observe(item)
+            self._publish(item)
             for frame in self.dialect.encode(item):
                 try:
                     await asyncio.wait_for(self.ws.send(frame), self.config.server.idle_timeout_s)
                 except TimeoutError:
                     raise SlowClient from None
+                except ConnectionClosed:
+                    if not self._carries_call():
+                        raise
             if isinstance(item, SessionClosed):
                 self.closed_sent.set()
+
+    def _publish(self, event) -> None:
+        """Telephony dialects name their call (`call_id`, `channel_labels`) once it starts; from
+        then on every event also goes to the call's subscribers and webhook."""
+        if self._carries_call():
+            self.calls.publish(self.dialect.call_id, self.id, self.dialect.channel_labels, event)
+
+    def _carries_call(self) -> bool:
+        return self.calls is not None and bool(getattr(self.dialect, "call_id", None))
 
     def _observe(self, event) -> None:
         metrics = self.metrics
@@ -273,6 +311,17 @@ class Connection:
                 metrics.first_partial_latency.observe(lag)
         elif isinstance(event, ErrorEvent):
             metrics.errors.labels(event.code).inc()
+        elif isinstance(event, CaptionAppend):
+            delay = max(0, self.session.audio_ms - event.end_ms) / 1000
+            metrics.caption_delay.labels("append").observe(delay)
+        elif isinstance(event, CaptionCue):
+            delay = max(0, self.session.audio_ms - event.speech_end_ms) / 1000
+            metrics.caption_delay.labels("cue").observe(delay)
+            if self.captions is not None:
+                self.captions.add(self.id, event)
+        elif isinstance(event, SessionStarted) and self.captions is not None:
+            if event.options.get("captions_mode") == "popon":
+                self.captions.open(self.id, event.options["timecode_origin_ms"])
 
     def _submit(self, item: EngineRequest) -> None:
         def done(outcome: Outcome) -> None:  # on the scheduler's thread
@@ -309,6 +358,9 @@ class Connection:
 
     async def _until_closed_sent(self) -> None:
         """Wait for the last event to be sent, or for the client to go away first."""
+        if self._carries_call():  # after a hang-up, the call's subscribers still want the finals
+            await self.closed_sent.wait()
+            return
         sent = asyncio.create_task(self.closed_sent.wait())
         gone = asyncio.create_task(self.ws.wait_closed())
         await asyncio.wait((sent, gone), return_when=asyncio.FIRST_COMPLETED)

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from engine.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.5, 2.5, 5.0, 10.0)
+CAPTION_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0)
 
 
 class Metrics:
@@ -39,6 +40,14 @@ class Metrics:
             "streamscribe_first_partial_latency_seconds",
             "From speech start (audio time) to the first non-empty partial",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.caption_delay = Histogram(
+            "streamscribe_caption_delay_seconds",
+            "From the end of a caption's last word to the caption being sent (audio received "
+            "meanwhile), by kind: append (roll-up) or cue (pop-on)",
+            ["kind"],
+            buckets=CAPTION_BUCKETS,
             registry=r,
         )
         self.errors = Counter("streamscribe_errors", "Errors sent to clients", ["code"], registry=r)

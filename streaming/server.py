@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import http
+import importlib.resources
 import logging
+import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -22,18 +24,44 @@ from websockets.http11 import Request, Response
 
 from engine.api import Engine
 from engine.scheduler import Scheduler, SchedulerConfig
+from streaming import audiosocket
+from streaming.calls import CallHub, call_events_id
+from streaming.captions import CaptionStore, to_srt, to_vtt
 from streaming.config import Config
+from streaming.dialects.audiofork import AudioForkDialect
 from streaming.dialects.base import Dialect
+from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
+from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
+from streaming.dialects.twilio import TwilioDialect
 from streaming.gateway import Connection
 from streaming.metrics import Metrics
+from streaming.openai_rest import RestServer
 
 log = logging.getLogger("streaming.server")
 
 ROUTES: dict[str, Callable[[], Dialect]] = {
     "/v1/stream": NativeDialect,
+    "/v1/realtime": OpenAIRealtimeDialect,
+    "/v1/listen": DeepgramDialect,
+    "/v1/telephony/twilio": TwilioDialect,
+    "/v1/telephony/audiofork": AudioForkDialect,
 }
 RETRY_AFTER_S = 5
+# A session's pop-on captions so far, running or finished: ?channel=N keeps one channel's cues.
+CAPTIONS_PATH = re.compile(r"/v1/sessions/([0-9A-Za-z_-]+)/captions\.(vtt|srt)")
+CAPTION_FILES = {
+    "vtt": (to_vtt, "text/vtt; charset=utf-8"),
+    "srt": (to_srt, "application/x-subrip; charset=utf-8"),
+}
+AUTH_SUBPROTOCOLS = ("token", "bearer")  # browsers: new WebSocket(url, ["token", KEY])
+# The browser page: `/` is index.html, `/web/<name>` the files beside it (no subfolders).
+WEB_ROOT = importlib.resources.files("clients") / "web"
+WEB_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+}
 
 
 class Gateway:
@@ -50,6 +78,14 @@ class Gateway:
         self.server: Server | None = None
         self.engine_error: str | None = None
         self.loading: asyncio.Future | None = None
+        self.rest: RestServer | None = None  # POST /v1/audio/transcriptions on server.http_port
+        self.calls = CallHub(
+            config.server.call_subscriber_hold_s,
+            config.server.webhook_url,
+            config.server.webhook_retries,
+        )
+        self.audiosocket: asyncio.Server | None = None
+        self.captions = CaptionStore(config.server.caption_sessions, config.server.caption_cues)
 
     @property
     def ready(self) -> bool:
@@ -62,10 +98,16 @@ class Gateway:
             server.host,
             server.port,
             process_request=self.process_request,
+            select_subprotocol=_select_subprotocol,
             max_size=server.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
         )
+        if server.audiosocket_port:
+            self.audiosocket = await audiosocket.serve(self, server.host, server.audiosocket_port)
+        if server.http_port >= 0:
+            self.rest = RestServer(self)
+            await self.rest.start(server.host, server.http_port)
         self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
         return self.server
 
@@ -109,7 +151,15 @@ class Gateway:
                 self.metrics.render().decode(),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
-        if path not in ROUTES:
+        captions = CAPTIONS_PATH.fullmatch(path)
+        if captions is not None:
+            if self.keys and _api_key(request) not in self.keys:
+                self.metrics.rejections.labels("auth").inc()
+                return _text(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
+            return self._captions_file(*captions.groups(), request)
+        if path == "/" or path.startswith("/web/"):
+            return _web_file("index.html" if path == "/" else path[len("/web/") :])
+        if path not in ROUTES and call_events_id(path) is None:
             return _text(http.HTTPStatus.NOT_FOUND, f"no such endpoint: {path}\n")
         if self.keys and _api_key(request) not in self.keys:
             self.metrics.rejections.labels("auth").inc()
@@ -126,13 +176,51 @@ class Gateway:
             return response
         return None
 
+    def _captions_file(self, session_id: str, kind: str, request: Request) -> Response:
+        """The session's cues in programme time (audio time + its timecode_origin_ms)."""
+        channel = dict(parse_qsl(urlsplit(request.path).query)).get("channel")
+        if channel is not None and not channel.isdigit():
+            return _text(http.HTTPStatus.BAD_REQUEST, f"channel must be 0 or 1, got {channel!r}\n")
+        try:
+            cues, origin = self.captions.cues(session_id, None if channel is None else int(channel))
+        except KeyError:
+            return _text(
+                http.HTTPStatus.NOT_FOUND,
+                f"no captions kept for session {session_id}: only sessions with captions_mode "
+                f"popon are kept, the last {self.config.server.caption_sessions} of them\n",
+            )
+        write, content_type = CAPTION_FILES[kind]
+        return _text(http.HTTPStatus.OK, write(cues, origin), content_type)
+
     # --- WebSocket ---------------------------------------------------------------------------
 
     async def handle(self, ws: ServerConnection) -> None:
         parts = urlsplit(ws.request.path)
+        call_id = call_events_id(parts.path)
+        if call_id is not None:
+            await self.calls.serve(ws, call_id)
+            return
         dialect = ROUTES[parts.path]()
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        connection = Connection(ws, dialect, query, self.config, self.scheduler, self.metrics)
+        query = _query(parts.query)
+        await self.run_connection(ws, dialect, query)
+
+    async def run_connection(
+        self,
+        ws: ServerConnection | audiosocket.AudioSocketStream,
+        dialect: Dialect,
+        query: dict[str, str],
+    ) -> None:
+        """Drive one stream: a WebSocket, or an AudioSocket call through its adapter."""
+        connection = Connection(
+            ws,
+            dialect,
+            query,
+            self.config,
+            self.scheduler,
+            self.metrics,
+            self.calls,
+            captions=self.captions,
+        )
         self.connections.add(connection)
         self.metrics.sessions.labels(dialect.name).inc()
         self.metrics.sessions_active.inc()
@@ -149,11 +237,23 @@ class Gateway:
         """Refuse new streams, flush every open one, deliver its finals, then stop."""
         self.draining = True
         grace = self.config.server.drain_grace_s
-        await asyncio.gather(*(c.drain(grace) for c in list(self.connections)))
+        if self.audiosocket is not None:
+            self.audiosocket.close()
+        rest = [self.rest.stop()] if self.rest is not None else []
+        await asyncio.gather(*(c.drain(grace) for c in list(self.connections)), *rest)
+        await self.calls.aclose(grace)
         self.server.close()
         await self.server.wait_closed()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=grace)
+
+
+def _query(text: str) -> dict[str, str]:
+    """Query parameters; a repeated one (`keyterm=a&keyterm=b`) becomes a comma-joined list."""
+    values: dict[str, list[str]] = {}
+    for key, value in parse_qsl(text, keep_blank_values=True):
+        values.setdefault(key, []).append(value)
+    return {key: ",".join(items) for key, items in values.items()}
 
 
 def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8"):
@@ -161,14 +261,42 @@ def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain; c
     return Response(status.value, status.phrase, headers, body.encode())
 
 
+def _web_file(name: str) -> Response:
+    """A file of the page's folder by plain name, so no path can leave the folder."""
+    kind = WEB_TYPES.get(name[name.rfind(".") :]) if "." in name else None
+    file = WEB_ROOT / name
+    if kind is None or "/" in name or "\\" in name or name.startswith(".") or not file.is_file():
+        return _text(http.HTTPStatus.NOT_FOUND, f"no such file: {name}\n")
+    headers = Headers(
+        [("Content-Type", kind), ("Cache-Control", "no-cache"), ("Connection", "close")]
+    )
+    return Response(http.HTTPStatus.OK.value, http.HTTPStatus.OK.phrase, headers, file.read_bytes())
+
+
 def _api_key(request: Request) -> str | None:
-    """`Authorization: Bearer KEY` (or `Token KEY`), else `?api_key=KEY` for clients that
-    cannot set headers."""
+    """`Authorization: Bearer KEY` (or `Token KEY`), else the subprotocols `token, KEY` (or
+    `bearer, KEY`) that browsers can send, else `?api_key=KEY` for clients that cannot set
+    headers."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() in ("bearer", "token") and value.strip():
         return value.strip()
+    offered = _offered_subprotocols(request.headers)
+    if len(offered) == 2 and offered[0].lower() in AUTH_SUBPROTOCOLS:
+        return offered[1]
     return dict(parse_qsl(urlsplit(request.path).query)).get("api_key")
+
+
+def _offered_subprotocols(headers: Headers) -> list[str]:
+    values = headers.get_all("Sec-WebSocket-Protocol")
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> str | None:
+    """Answer `token` (or `bearer`) to a browser that sent its key as subprotocols (a browser
+    drops a connection whose server picks none of those it offered); other clients continue
+    without a subprotocol."""
+    return next((name for name in offered if name.lower() in AUTH_SUBPROTOCOLS), None)
 
 
 async def run(config: Config, load_engine: Callable[[], Engine]) -> str | None:
@@ -176,7 +304,11 @@ async def run(config: Config, load_engine: Callable[[], Engine]) -> str | None:
     loaded (the process should exit with an error), else None."""
     gateway = Gateway(config, load_engine)
     await gateway.start()
-    log.warning("listening", extra={"host": config.server.host, "port": gateway.port})
+    http_port = gateway.rest.port if gateway.rest is not None else None
+    log.warning(
+        "listening",
+        extra={"host": config.server.host, "port": gateway.port, "http_port": http_port},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -47,6 +47,7 @@ class EchoEngine:
 
 def gateway_config(**server) -> Config:
     base = Config()
+    server = {"http_port": 0, **server}  # free ports only: test runs may overlap on one machine
     return dataclasses.replace(
         base, server=dataclasses.replace(base.server, host="127.0.0.1", port=0, **server)
     )

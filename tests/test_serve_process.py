@@ -31,6 +31,8 @@ def start_server(*args: str) -> tuple[subprocess.Popen, int]:
             "127.0.0.1",
             "--port",
             "0",
+            "--http-port",
+            "0",
             *args,
         ],
         cwd=REPO,
@@ -81,7 +83,8 @@ def test_sigterm_drains_open_streams_then_exits():
 
 def test_model_that_cannot_load_stops_the_server(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "streaming", "serve", "--port", "0", "--model", str(tmp_path)],
+        [sys.executable, "-m", "streaming", "serve", "--port", "0", "--http-port", "0"]
+        + ["--model", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

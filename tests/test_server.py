@@ -105,6 +105,7 @@ def test_bad_messages_get_errors_and_the_session_continues():
         ("?encoding=mp3", None, "encoding"),
         ("", {"type": "session.start", "channels": 5}, "channels"),
         ("", {"type": "session.start", "hangover": 100}, "hangover_ms"),
+        ("?hangover_ms=5000", None, "max_segment_ms"),  # valid alone, clashes with the segmenter
     ],
 )
 def test_invalid_config_is_an_error_then_close_4001(query, first, expected):
@@ -361,3 +362,9 @@ def test_status_reports_lag_when_the_engine_falls_behind(speech):
     statuses = [m for m in messages if m["type"] == "status"]
     assert statuses and statuses[0]["lag_ms"] >= 100 and statuses[0]["queued_audio_ms"] > 0
     assert [m["type"] for m in messages].count("transcript.final") == 4
+
+
+def test_repeated_query_parameters_are_joined():
+    from streaming.server import _query
+
+    assert _query("keyterm=a+b&keyterm=c&x=1") == {"keyterm": "a b,c", "x": "1"}

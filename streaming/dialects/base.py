@@ -54,15 +54,26 @@ class Reject:
     close_code: int | None = None
 
 
-Command = Configure | Update | Audio | Finalize | Close | KeepAlive | Reject
+@dataclass(frozen=True)
+class Reply:
+    """An answer that no session event stands for (an acknowledgement such as OpenAI's
+    `input_audio_buffer.cleared`): the gateway hands `message` back to the dialect's `encode`,
+    in order with the session's events."""
+
+    message: object
+
+
+Command = Configure | Update | Audio | Finalize | Close | KeepAlive | Reject | Reply
 
 
 @dataclass
 class Opening:
-    """What a dialect makes of the handshake: session options from the URL, and hotwords."""
+    """What a dialect makes of the handshake: session options from the URL, and hotwords; or
+    why the URL cannot start a session (`error`: the gateway sends it and closes with 4001)."""
 
     options: dict[str, object] = field(default_factory=dict)
     hotwords: tuple[str, ...] = ()
+    error: str | None = None
 
 
 class Dialect(Protocol):

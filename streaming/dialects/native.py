@@ -22,6 +22,8 @@ from streaming.dialects.base import (
     Update,
 )
 from streaming.events import (
+    CaptionAppend,
+    CaptionCue,
     ErrorEvent,
     Event,
     FinalTranscript,
@@ -105,6 +107,11 @@ class NativeDialect:
     def _configure(self, kind: str, body: dict) -> Command:
         options = dict(body.pop("config", None) or {})
         options.update(body)
+        captions = options.pop("captions", None)  # {mode, preset, rows, hold_back_words}
+        if captions is not None:
+            if not isinstance(captions, dict):
+                return Reject("invalid_config", "captions must be an object, e.g. {mode: popon}")
+            options.update({f"captions_{key}": value for key, value in captions.items()})
         try:
             hotwords = split_hotwords(options.pop("hotwords")) if "hotwords" in options else None
         except ValueError as err:
@@ -186,6 +193,28 @@ class NativeDialect:
             if event.channel is not None:
                 message.update(channel=event.channel, segment_id=event.segment_id)
             return message
+        if isinstance(event, CaptionAppend):
+            return {
+                "type": "caption.append",
+                "channel": event.channel,
+                "text": event.text,
+                "row_break": event.row_break,
+                "speaker_change": event.speaker_change,
+                "rows": event.rows,
+                "start_ms": event.start_ms,
+                "end_ms": event.end_ms,
+            }
+        if isinstance(event, CaptionCue):
+            return {
+                "type": "caption.cue",
+                "channel": event.channel,
+                "id": event.id,
+                "start_ms": event.start_ms,
+                "end_ms": event.end_ms,
+                "start_tc": event.start_tc,
+                "end_tc": event.end_tc,
+                "lines": event.lines,
+            }
         if isinstance(event, SessionClosed):
             return {
                 "type": "session.closed",

@@ -1,0 +1,1 @@
+"""Telephony simulators (Twilio Media Streams, Asterisk AudioSocket) and example configs."""
