@@ -157,7 +157,10 @@ def _serve(args: argparse.Namespace) -> int:
     def load() -> Engine:
         return selection.load_engine(**dataclasses.asdict(cfg.engine))
 
-    error = asyncio.run(server.run(cfg, load))
+    try:
+        error = asyncio.run(server.run(cfg, load))
+    except OSError as err:  # e.g. the port is taken: one line, not a traceback
+        error = f"cannot listen: {err.strerror or err}"
     if error:
         print(f"streamscribe: error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -92,3 +92,34 @@ def test_model_that_cannot_load_stops_the_server(tmp_path):
     )
     assert proc.returncode == 2
     assert "cannot tell the model family" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_port_in_use_is_one_clear_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "streaming",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--http-port",
+                "0",
+                "--model",
+                "noop",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert "cannot listen" in proc.stderr and "Traceback" not in proc.stderr
