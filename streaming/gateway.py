@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Mapping
 
@@ -54,10 +53,7 @@ CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN = 1000, 1001, 1008
 CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE = 4001, 4002
 STATUS_EVERY_S = 1.0
 DRAIN_READ_S = 0.5  # on shutdown, frames already sent are still read for this long
-
-
-class SlowClient(Exception):
-    """The client stopped reading: a send did not complete within the idle timeout."""
+WATCHDOG_S = 0.25  # how often a connection checks its idle, duration, drain and send clocks
 
 
 class Connection:
@@ -88,10 +84,14 @@ class Connection:
         self.closed_sent = asyncio.Event()  # `session.closed` (the last event) is on the wire
         self.audio_seen = False
         self.drain_at: float | None = None
-        self.wake = asyncio.Event()  # set to interrupt a wait for the next frame
+        self.loop = asyncio.get_running_loop()
+        self.last_message = self.loop.time()
+        self.ends = self.last_message + config.server.max_session_s
+        self.sends: dict[object, float] = {}  # sends in progress -> when each started
+        self.reader: asyncio.Task | None = None  # set while it waits for the next frame
+        self.interrupted: str | None = None  # why the watchdog stopped that wait
         self.last_status = 0.0
         self.first_partial_sent: set[tuple[int, int]] = set()
-        self.loop = asyncio.get_running_loop()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -99,9 +99,7 @@ class Connection:
         try:
             await self._run()
         except ConnectionClosed:
-            pass  # abrupt disconnect: nothing to send any more
-        except SlowClient:
-            self._drop_slow_client()
+            pass  # abrupt disconnect, or a client cut off for not reading
         finally:
             self._abandon()
             if self.calls is not None:
@@ -123,6 +121,7 @@ class Connection:
             return
         self.session.hotwords = opening.hotwords
         results = asyncio.create_task(self._deliver_results())
+        watchdog = self.loop.call_later(WATCHDOG_S, self._watch)
         try:
             await self._emit(self.session.start())
             await self._read()
@@ -131,12 +130,12 @@ class Connection:
                 await self.ws.close(CLOSE_NORMAL if self.drain_at is None else CLOSE_GOING_AWAY)
         finally:
             results.cancel()
+            watchdog.cancel()
 
     async def drain(self, grace_s: float) -> None:
         """Server shutdown: read what the client already sent, flush, deliver the last finals,
         then close with 1001 (or 1013 if the grace period runs out first)."""
-        self.drain_at = time.monotonic() + min(DRAIN_READ_S, grace_s)
-        self.loop.call_later(min(DRAIN_READ_S, grace_s), self.wake.set)
+        self.drain_at = self.loop.time() + min(DRAIN_READ_S, grace_s)
         try:
             await asyncio.wait_for(self.finished.wait(), grace_s)
         except TimeoutError:
@@ -146,35 +145,26 @@ class Connection:
 
     async def _read(self) -> None:
         server = self.config.server
-        ends = time.monotonic() + server.max_session_s
         session = self.session
         while session.state == "open":
-            now = time.monotonic()
-            timeout = min(server.idle_timeout_s, ends - now)
-            if self.drain_at is not None:
-                timeout = min(timeout, self.drain_at - now)
+            self.reader = asyncio.current_task()
             try:
-                message = await self._next_message(max(timeout, 0.001))
+                message = await self.ws.recv()
             except ConnectionClosed:
                 if not self._carries_call():
                     raise
                 for command in self.dialect.on_hangup():  # flush the call for its subscribers
                     await self._apply(command)
                 return
-            except TimeoutError:
-                if self.drain_at is not None and time.monotonic() >= self.drain_at:
-                    await self._emit(session.close("shutdown"))
-                    return
-                idle = time.monotonic() < ends
-                code = "idle_timeout" if idle else "max_duration"
-                text = (
-                    f"no message for {server.idle_timeout_s:g} s"
-                    if idle
-                    else f"stream longer than {server.max_session_s:g} s"
-                )
-                await self._emit([ErrorEvent(code, text)])
-                await self._emit(session.close(code))
+            except asyncio.CancelledError:
+                if self.interrupted is None:
+                    raise
+                _uncancel(self.reader)
+                await self._interrupted(self.interrupted)
                 return
+            finally:
+                self.reader = None
+            self.last_message = self.loop.time()
             commands = (
                 self.dialect.on_binary(message)
                 if isinstance(message, bytes)
@@ -187,19 +177,40 @@ class Connection:
             while session.pending_finals >= server.max_pending_finals:
                 self.progress.clear()  # backpressure: stop reading until finals come back
                 await self.progress.wait()
+            await asyncio.sleep(0)  # let results and other streams in between buffered frames
 
-    async def _next_message(self, timeout: float) -> str | bytes:
-        """The next frame, or TimeoutError after `timeout` or as soon as a drain begins."""
-        receiving = asyncio.ensure_future(self.ws.recv())
-        woken = asyncio.ensure_future(self.wake.wait())
-        done, _ = await asyncio.wait(
-            (receiving, woken), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        woken.cancel()
-        if receiving in done:
-            return receiving.result()
-        receiving.cancel()  # websockets: a cancelled recv() loses no data
-        raise TimeoutError
+    def _watch(self) -> None:
+        """Every WATCHDOG_S: cut a client that stopped reading, and stop waiting for frames on
+        idle timeout, maximum duration or drain. One timer per connection, instead of a
+        timeout (and a task) per frame."""
+        if self.finished.is_set():
+            return
+        now = self.loop.time()
+        server = self.config.server
+        if self.sends and now - min(self.sends.values()) > server.idle_timeout_s:
+            self._drop_slow_client()
+            return
+        if self.drain_at is not None and now >= self.drain_at:
+            reason = "shutdown"
+        elif now >= self.ends:
+            reason = "max_duration"
+        elif now - self.last_message >= server.idle_timeout_s:
+            reason = "idle_timeout"
+        else:
+            reason = None
+        if reason is not None and self.reader is not None and self.interrupted is None:
+            self.interrupted = reason
+            self.reader.cancel()  # websockets: a cancelled recv() loses no data
+        self.loop.call_later(WATCHDOG_S, self._watch)
+
+    async def _interrupted(self, reason: str) -> None:
+        session, server = self.session, self.config.server
+        if reason == "idle_timeout":
+            await self._emit([ErrorEvent(reason, f"no message for {server.idle_timeout_s:g} s")])
+        elif reason == "max_duration":
+            text = f"stream longer than {server.max_session_s:g} s"
+            await self._emit([ErrorEvent(reason, text)])
+        await self._emit(session.close(reason))
 
     async def _apply(self, command: Command) -> bool:
         """Carry out one command; False when the connection must stop reading."""
@@ -275,13 +286,15 @@ class Connection:
             self._observe(item)
             self._publish(item)
             for frame in self.dialect.encode(item):
+                token = object()
+                self.sends[token] = self.loop.time()  # the watchdog times sends that block
                 try:
-                    await asyncio.wait_for(self.ws.send(frame), self.config.server.idle_timeout_s)
-                except TimeoutError:
-                    raise SlowClient from None
+                    await self.ws.send(frame)
                 except ConnectionClosed:
                     if not self._carries_call():
                         raise
+                finally:
+                    del self.sends[token]
             if isinstance(item, SessionClosed):
                 self.closed_sent.set()
 
@@ -350,9 +363,6 @@ class Connection:
                 await self._emit(outputs)
             except ConnectionClosed:
                 return
-            except SlowClient:
-                self._drop_slow_client()
-                return
             finally:
                 self.progress.set()
 
@@ -368,12 +378,12 @@ class Connection:
         gone.cancel()
 
     async def _maybe_status(self) -> None:
-        now = time.monotonic()
+        now = self.loop.time()
         if now - self.last_status < STATUS_EVERY_S:
             return
+        self.last_status = now  # the backlog is looked at once a second at most
         lag_ms, queued_ms = self.scheduler.backlog()
         if lag_ms >= self.config.server.status_lag_ms:
-            self.last_status = now
             await self._emit(self.session.status(lag_ms, queued_ms))
 
     def _drop_slow_client(self) -> None:
@@ -390,3 +400,9 @@ class Connection:
         for channel in self.session.channels:
             for segment_id in list(channel.trackers) + list(channel.partial_rev):
                 self.scheduler.cancel((self.id, channel.index, segment_id))
+
+
+def _uncancel(task: asyncio.Task) -> None:
+    """Forget a cancellation we handled ourselves (Python >= 3.11 counts them)."""
+    if hasattr(task, "uncancel"):
+        task.uncancel()

@@ -271,17 +271,19 @@ def test_abrupt_disconnect_frees_the_session(speech):
 
 
 class StuckSocket:
-    """A peer that never reads: every send waits forever."""
+    """A peer that never reads: every send waits until the connection is cut."""
 
     def __init__(self) -> None:
         self.transport = self
         self.aborted = False
+        self.cut = asyncio.Event()
 
     async def recv(self):
         await asyncio.Event().wait()
 
     async def send(self, frame) -> None:
-        await asyncio.Event().wait()
+        await self.cut.wait()
+        raise ConnectionClosed(None, None)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await asyncio.Event().wait()
@@ -291,6 +293,7 @@ class StuckSocket:
 
     def abort(self) -> None:
         self.aborted = True
+        self.cut.set()
 
 
 def test_client_that_stops_reading_is_dropped():
@@ -346,13 +349,13 @@ def test_audio_faster_than_real_time_is_held_back_not_buffered(speech):
 def test_status_reports_lag_when_the_engine_falls_behind(speech):
     async def main():
         config = gateway_config(status_lag_ms=100.0)
-        async with running(config, EchoEngine(delay_s=0.5)) as gw:
+        async with running(config, EchoEngine(delay_s=2.0)) as gw:
             async with connect(url(gw, "?interim_results=false")) as ws:
                 await ws.recv()
-                for clip in speech * 2:
+                for clip in speech * 2:  # each final arrives while the previous one computes
                     await send_audio(ws, joined([clip], silence_s=0.6))
-                    await asyncio.sleep(0.05)
-                for _ in range(20):  # keep audio flowing so the session can report
+                    await asyncio.sleep(0.3)
+                for _ in range(50):  # keep audio flowing: the backlog is checked once a second
                     await ws.send(b"\x00\x00" * 1600)
                     await asyncio.sleep(0.05)
                 await ws.send(json.dumps({"type": "close"}))
