@@ -1,0 +1,882 @@
+"""Load test of the streaming server: N concurrent real-time streams of real speech.
+
+The server runs as its own process (its CPU time is read from /proc/<pid>/stat, and the load
+generator does not share its event loop). Each stream plays the LibriVox clips of
+pocketsphinx-testdata separated by 1.5-3 s of quiet, paced at real time over the native protocol,
+then sends `close`. Streams start at evenly spread points of the same cyclic tape, so they do not
+all speak at once; a clip cut by a stream's start or end is replaced by quiet.
+
+Pacing is that of a live microphone: frame k (audio [k*f, (k+1)*f)) leaves when its last sample
+has been spoken, at t0 + (k+1)*f, and audio time t is spoken at t0 + t. Latencies are measured
+from when the audio was spoken, so they include up to one frame of capture delay, as a user's do:
+
+- first partial: first non-empty partial of the utterance (or its final, when no partial came
+  first) minus the speech onset (first 10 ms of the clip above -35 dBFS);
+- finalization: arrival of a final minus the end of its last word, with the server's own split
+  (endpoint wait, queue, compute) from the final's `latency`;
+- partial stability (`StabilityStats`), partials dropped by the server (/metrics deltas), lag
+  (`status` messages and `streamscribe_lag_seconds` polled every second), finals received for
+  every utterance played, and server CPU seconds per stream per second of audio.
+
+The load generator shares the machine: each level also reports how late it sent frames and how
+much CPU other processes took, so a run disturbed by either can be told apart and repeated.
+
+    python -m benchmarks.stream_load --model noop --streams 100 --seconds 30
+    python -m benchmarks.stream_load --model whisper --streams 1,2,4
+    python -m benchmarks.stream_load --model whisper --ramp --streams 1   # 1, 2, 4, ...
+    python -m benchmarks.stream_load --url ws://127.0.0.1:8765 --streams 8   # a running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+
+from benchmarks.manifests import librivox
+from benchmarks.results import write_result
+from streaming.audiofile import read_audio
+from streaming.stability import StabilityStats
+
+REPO = Path(__file__).resolve().parents[1]
+RATE = 16000
+GAP_S = (1.5, 3.0)  # quiet between clips; longer than any sensible hangover
+TAIL_MS = 1500  # a clip is played only if this much quiet follows it before the stream ends
+NOISE = 1e-3  # the quiet is faint noise (-60 dBFS), like a real line
+ONSET_DBFS = -35.0  # the clips' background is -45..-50 dBFS
+SEED = 0
+FIRST_PARTIAL_TARGET_MS = 500.0
+FINALIZATION_MARGIN_MS = 150.0  # target: p95 finalization <= hangover + this
+STREAMS_PER_CORE_TARGET = 500.0  # gateway + VAD alone (noop engine), 100 ms frames
+CONNECT_AT_ONCE = 32
+METRICS_EVERY_S = 1.0
+SEND_LATE_WARN_MS = 20.0
+OTHER_CPU_WARN_CORES = 0.2
+
+
+# --- the speech tape ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    frames: tuple[bytes, ...]  # s16le, the last one padded with quiet
+    onset_ms: int  # speech onset within the clip
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class Tape:
+    """One period of the cyclic tape every stream plays a window of: (first frame, clip)."""
+
+    placed: tuple[tuple[int, Clip], ...]
+    period: int  # frames
+    silence: bytes  # one frame of quiet
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """A clip in a stream, in stream audio time."""
+
+    start_ms: int
+    onset_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    frames: list[bytes]
+    utterances: list[Utterance]
+
+
+def s16le(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def speech_onset_ms(audio: np.ndarray, rate: int = RATE, dbfs: float = ONSET_DBFS) -> int:
+    """Start of the first 10 ms window louder than `dbfs`: clips open with a breath of quiet
+    that is not speech yet (240-330 ms in the LibriVox clips)."""
+    win = rate // 100
+    n = len(audio) // win
+    power = (audio[: n * win].reshape(n, win).astype(np.float64) ** 2).mean(axis=1)
+    loud = np.flatnonzero(10 * np.log10(power + 1e-12) > dbfs)
+    return int(loud[0]) * 10 if len(loud) else 0
+
+
+def load_clips(frame_ms: int) -> list[Clip]:
+    """The LibriVox clips, shortest first, cut into pre-encoded frames."""
+    rng = np.random.default_rng(SEED)
+    size = RATE * frame_ms // 1000
+    clips = []
+    for utt in librivox():
+        audio, rate = read_audio(utt.audio)
+        if rate != RATE:
+            raise SystemExit(f"{utt.audio}: expected {RATE} Hz, got {rate}")
+        padded = np.concatenate(
+            [audio, NOISE * rng.standard_normal(-len(audio) % size).astype(np.float32)]
+        )
+        data = s16le(padded)
+        frames = tuple(data[i : i + 2 * size] for i in range(0, len(data), 2 * size))
+        clips.append(Clip(utt.id, frames, speech_onset_ms(audio), len(audio) * 1000 // RATE))
+    return sorted(clips, key=lambda c: c.duration_ms)
+
+
+def build_tape(clips: Sequence[Clip], frame_ms: int, seed: int = SEED) -> Tape:
+    rng = np.random.default_rng(seed)
+    placed, at = [], 0
+    for clip in clips:
+        at += round(rng.uniform(*GAP_S) * 1000 / frame_ms)
+        placed.append((at, clip))
+        at += len(clip.frames)
+    silence = s16le(NOISE * rng.standard_normal(RATE * frame_ms // 1000).astype(np.float32))
+    return Tape(tuple(placed), at, silence)
+
+
+def plan_stream(tape: Tape, offset: int, n_frames: int, frame_ms: int) -> StreamPlan:
+    """The window [offset, offset + n_frames) of the cyclic tape; clips that do not fit whole
+    (with TAIL_MS of quiet after them) are replaced by quiet."""
+    frames = [tape.silence] * n_frames
+    utterances = []
+    tail = math.ceil(TAIL_MS / frame_ms)
+    for rep in range((offset + n_frames) // tape.period + 1):
+        for first, clip in tape.placed:
+            at = rep * tape.period + first - offset
+            if at < 0 or at + len(clip.frames) + tail > n_frames:
+                continue
+            frames[at : at + len(clip.frames)] = clip.frames
+            start = at * frame_ms
+            utterances.append(Utterance(start, start + clip.onset_ms, start + clip.duration_ms))
+    return StreamPlan(frames, utterances)
+
+
+def plan_streams(tape: Tape, count: int, seconds: float, frame_ms: int) -> list[StreamPlan]:
+    """`count` streams starting at evenly spread points of the tape."""
+    n_frames = round(seconds * 1000 / frame_ms)
+    return [
+        plan_stream(tape, round(i * tape.period / count), n_frames, frame_ms) for i in range(count)
+    ]
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+
+def spoken_at(t0: float, audio_ms: float) -> float:
+    """Clock time at which stream audio time `audio_ms` was spoken (audio time 0 at `t0`)."""
+    return t0 + audio_ms / 1000
+
+
+def frame_due(t0: float, index: int, frame_s: float) -> float:
+    """Clock time frame `index` is sent: when its last sample has been spoken."""
+    return t0 + (index + 1) * frame_s
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least q% of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def summary(values: Sequence[float]) -> dict:
+    """n, p50, p95, p99 and max of `values` (None for the figures of an empty list)."""
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    figures = {f"p{q}": round(percentile(values, q), 1) for q in (50, 95, 99)}
+    return {"n": len(values), **figures, "max": round(max(values), 1)}
+
+
+def proc_cpu_seconds(stat: str, ticks_per_s: int) -> float:
+    """utime + stime of a /proc/<pid>/stat line (all threads). The command name, in parentheses,
+    may hold spaces, so fields are counted after the last ')': utime and stime are fields 14-15."""
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def machine_busy_seconds(stat: str, ticks_per_s: int) -> float:
+    """CPU seconds all cores spent busy (not idle or iowait), from /proc/stat's `cpu` line: with
+    the server's and the generator's own time it tells how much else ran during a level."""
+    ticks = [int(x) for x in stat.splitlines()[0].split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / ticks_per_s  # guest time is in user already
+
+
+def machine_cpu_seconds() -> float:
+    return machine_busy_seconds(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+# sample name -> {sorted (label, value) pairs: value}
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> Samples:
+    """Prometheus text exposition -> {sample name: {sorted (label, value) pairs: value}}."""
+    samples: Samples = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None:  # comments (# HELP, # TYPE) and blank lines
+            continue
+        name, labels, value = match.groups()
+        key = tuple(sorted(_LABEL.findall(labels or "")))
+        samples.setdefault(name, {})[key] = float(value)
+    return samples
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    return {dict(key).get(label, ""): value for key, value in samples.get(name, {}).items()}
+
+
+def scalar(samples: Samples, name: str) -> float:
+    return samples.get(name, {}).get((), 0.0)
+
+
+# --- what one stream saw ---------------------------------------------------------------------
+
+
+@dataclass
+class StreamRecord:
+    """What a stream sent and received, with clock times (the event loop's monotonic clock)."""
+
+    t0: float = 0.0
+    messages: list[tuple[float, dict]] = field(default_factory=list)
+    send_late_ms: list[float] = field(default_factory=list)
+    error: str = ""  # why the stream could not be opened or did not finish
+
+
+@dataclass
+class StreamMeasures:
+    utterances: int = 0
+    finals: int = 0
+    missing: int = 0  # utterances no final covers
+    extra_finals: int = 0  # finals that cover no utterance
+    empty_finals: int = 0
+    first_text_ms: list[float] = field(default_factory=list)
+    no_partial: int = 0  # utterances whose first text came in the final
+    finalization_ms: list[float] = field(default_factory=list)
+    split_ms: dict[str, list[float]] = field(
+        default_factory=lambda: {"endpoint": [], "queue": [], "compute": [], "delivery": []}
+    )
+    partial_delay_ms: list[float] = field(default_factory=list)
+    segments: list[tuple[list[tuple[str, str]], str]] = field(default_factory=list)
+    partials: int = 0
+    status_lag_ms: list[float] = field(default_factory=list)
+    closed: bool = False
+
+
+def _shown(message: dict) -> bool:
+    return bool(message["stable_text"].strip() or message["volatile_text"].strip())
+
+
+def measure_stream(plan: StreamPlan, record: StreamRecord) -> StreamMeasures:
+    """Match the stream's segments to the utterances it played and take the latencies."""
+    out = StreamMeasures(utterances=len(plan.utterances))
+    partials: dict[tuple, list[tuple[float, dict]]] = {}
+    finals: dict[tuple, tuple[float, dict]] = {}
+    for arrival, message in record.messages:
+        kind = message["type"]
+        key = (message.get("channel", 0), message.get("segment_id"))
+        if kind == "transcript.partial":
+            partials.setdefault(key, []).append((arrival, message))
+            spoken = spoken_at(record.t0, message["end_ms"])
+            out.partial_delay_ms.append(1000 * (arrival - spoken))
+        elif kind == "transcript.final":
+            finals[key] = (arrival, message)
+        elif kind == "status":
+            out.status_lag_ms.append(message["lag_ms"])
+        elif kind == "session.closed":
+            out.closed = True
+    out.partials = sum(len(p) for p in partials.values())
+
+    extent: dict[tuple, tuple[int, int]] = {}
+    for key, items in [*partials.items(), *((k, [v]) for k, v in finals.items())]:
+        lo, hi = extent.get(key, (math.inf, -math.inf))
+        for _, message in items:
+            lo, hi = min(lo, message["start_ms"]), max(hi, message["end_ms"])
+        extent[key] = (lo, hi)
+
+    def covers(key: tuple, utt: Utterance) -> bool:
+        lo, hi = extent[key]
+        return lo < utt.end_ms and hi > utt.start_ms
+
+    for utt in plan.utterances:
+        keys = [key for key in extent if covers(key, utt)]
+        if not any(key in finals for key in keys):
+            out.missing += 1
+        shown = [a for key in keys for a, m in partials.get(key, []) if _shown(m)]
+        if not shown:
+            shown = [finals[k][0] for k in keys if k in finals and finals[k][1]["text"].strip()]
+            out.no_partial += bool(shown)
+        if shown:
+            out.first_text_ms.append(1000 * (min(shown) - spoken_at(record.t0, utt.onset_ms)))
+
+    for key, (arrival, final) in finals.items():
+        out.finals += 1
+        out.extra_finals += not any(covers(key, utt) for utt in plan.utterances)
+        shown_partials = sorted(partials.get(key, []), key=lambda item: item[1]["rev"])
+        out.segments.append(
+            ([(m["stable_text"], m["volatile_text"]) for _, m in shown_partials], final["text"])
+        )
+        if not final["words"]:
+            out.empty_finals += 1
+            continue
+        spoken = spoken_at(record.t0, final["words"][-1]["end_ms"])
+        latency = final["latency"]
+        server_ms = latency["endpoint_ms"] + latency["queue_ms"] + latency["compute_ms"]
+        out.finalization_ms.append(1000 * (arrival - spoken))
+        for stage in ("endpoint", "queue", "compute"):
+            out.split_ms[stage].append(latency[f"{stage}_ms"])
+        # the rest: capture (< 1 frame), the server reading audio late, sending, the client
+        out.split_ms["delivery"].append(out.finalization_ms[-1] - server_ms)
+    return out
+
+
+# --- talking to the server -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    stream: str  # ws://host:port/v1/stream
+    http: str  # http://host:port
+
+
+def endpoints(url: str) -> Endpoints:
+    parts = urlsplit(url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return Endpoints(
+        f"{parts.scheme}://{parts.netloc}{parts.path or '/v1/stream'}",
+        f"{scheme}://{parts.netloc}",
+    )
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+async def scrape(server: Endpoints) -> dict:
+    status, text = await asyncio.to_thread(http_get, f"{server.http}/metrics")
+    if status != 200:
+        raise RuntimeError(f"/metrics answered {status}")
+    return parse_prometheus(text)
+
+
+@dataclass
+class ServerProcess:
+    pid: int | None  # None: a server this program did not start (no CPU figures)
+    server: Endpoints
+
+
+@contextlib.asynccontextmanager
+async def spawned_server(model: str, config: str | None) -> AsyncIterator[ServerProcess]:
+    """`python -m streaming serve` on a free loopback port, ready (model loaded) on entry and
+    drained with SIGTERM on exit. Its log goes to a file, named on stderr."""
+    fd, name = tempfile.mkstemp(prefix="stream_load-server-", suffix=".log")
+    log = Path(name)
+    command = [sys.executable, "-m", "streaming", "--log-level", "info"]
+    command += ["--config", config] if config else []
+    command += ["serve", "--host", "127.0.0.1", "--port", "0", "--model", model]
+    # JSON logs to find the port; the REST endpoint on a free port, not its fixed default one
+    # (so the benchmark runs beside a developer's server)
+    env = {
+        **os.environ,
+        "STREAMSCRIBE_LOGGING__FORMAT": "json",
+        "STREAMSCRIBE_SERVER__HTTP_PORT": "0",
+    }
+    progress(f"starting server: {' '.join(command[1:])} (log: {log})")
+    with os.fdopen(fd, "w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO, stderr=sink, env=env)
+    try:
+        port = await _listening_port(proc, log)
+        server = Endpoints(f"ws://127.0.0.1:{port}/v1/stream", f"http://127.0.0.1:{port}")
+        await _until_ready(server, proc, log)
+        yield ServerProcess(proc.pid, server)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _died(proc: subprocess.Popen, log: Path) -> SystemExit:
+    tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+    return SystemExit(f"the server exited with status {proc.returncode}:\n{tail}")
+
+
+async def _listening_port(proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if record.get("msg") == "listening":
+                    return int(record["port"])
+        if proc.poll() is not None:
+            raise _died(proc, log)
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"the server did not report its port within {timeout_s:g} s (log: {log})")
+
+
+async def _until_ready(
+    server: Endpoints, proc: subprocess.Popen | None, log: Path | None, timeout_s: float = 600
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    why = "no answer"
+    while time.monotonic() < deadline:
+        try:  # a server started beside the benchmark may not listen yet
+            status, why = await asyncio.to_thread(http_get, f"{server.http}/readyz")
+        except OSError as err:
+            status, why = 0, str(err)
+        if status == 200:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise _died(proc, log)
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"the server was not ready within {timeout_s:g} s: {why.strip()}")
+
+
+async def open_stream(server: Endpoints) -> tuple[ClientConnection, dict]:
+    """A connection and its `session.started` message (the effective session options)."""
+    ws = await connect(server.stream, compression=None, open_timeout=30, max_size=2**22)
+    try:
+        started = json.loads(await ws.recv())
+        if started.get("type") != "session.started":
+            raise RuntimeError(f"expected session.started, got {started}")
+    except BaseException:
+        await ws.close()
+        raise
+    return ws, started
+
+
+async def play(
+    ws: ClientConnection, plan: StreamPlan, record: StreamRecord, frame_s: float, tail_s: float
+) -> None:
+    """Send the frames at real-time pace, then `close`; a second task timestamps arrivals."""
+    loop = asyncio.get_running_loop()
+
+    async def receive() -> None:
+        async for raw in ws:
+            message = json.loads(raw)
+            record.messages.append((loop.time(), message))
+            if message["type"] == "session.closed":
+                return
+
+    receiver = asyncio.create_task(receive())
+    try:
+        for index, frame in enumerate(plan.frames):
+            due = frame_due(record.t0, index, frame_s)
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record.send_late_ms.append(1000 * (loop.time() - due))
+            await ws.send(frame)
+        await ws.send(json.dumps({"type": "close"}))
+        await asyncio.wait_for(receiver, tail_s)
+    except TimeoutError:
+        record.error = f"no session.closed within {tail_s:g} s of close"
+    except Exception as err:  # a stream that breaks is reported, the others go on
+        record.error = f"{type(err).__name__}: {err}"
+    finally:
+        receiver.cancel()
+        await ws.close()
+
+
+async def warm_up(server: Endpoints, clip: Clip) -> None:
+    """One clip sent unpaced, so the engine's first-call costs are not measured."""
+    ws, _ = await open_stream(server)
+    try:
+        for frame in clip.frames:
+            await ws.send(frame)
+        await ws.send(json.dumps({"type": "close"}))
+        async with asyncio.timeout(300):
+            async for raw in ws:
+                if json.loads(raw)["type"] == "session.closed":
+                    break
+    finally:
+        await ws.close()
+
+
+# --- one load level --------------------------------------------------------------------------
+
+
+@dataclass
+class LevelRun:
+    """What one level saw: the streams, /metrics before and after (and lag polled during), CPU."""
+
+    records: list[StreamRecord]
+    before: Samples = field(default_factory=dict)
+    after: Samples = field(default_factory=dict)
+    lag_s: list[float] = field(default_factory=list)
+    queued_audio_s: list[float] = field(default_factory=list)
+    server_cpu_s: float | None = None
+    generator_cpu_s: float = 0.0
+    machine_cpu_s: float = 0.0  # every process on the machine
+    wall_s: float = 0.0
+    session_options: dict = field(default_factory=dict)
+
+
+async def watch(server: Endpoints, run: LevelRun) -> None:
+    """Poll /metrics every second; report progress on stderr every 5 s."""
+    started = last_report = time.monotonic()
+    while True:
+        samples = await scrape(server)
+        run.lag_s.append(scalar(samples, "streamscribe_lag_seconds"))
+        run.queued_audio_s.append(scalar(samples, "streamscribe_queued_audio_seconds"))
+        if time.monotonic() - last_report >= 5:
+            last_report = time.monotonic()
+            kinds = [m["type"] for r in run.records for _, m in r.messages]
+            progress(
+                f"  {last_report - started:5.0f} s: {kinds.count('transcript.partial')} partials,"
+                f" {kinds.count('transcript.final')} finals, lag {run.lag_s[-1]:.2f} s"
+            )
+        await asyncio.sleep(METRICS_EVERY_S)
+
+
+async def run_level(
+    server: ServerProcess, plans: list[StreamPlan], frame_ms: int, seconds: float
+) -> LevelRun:
+    """Open every stream first, then play them all together."""
+    loop = asyncio.get_running_loop()
+    run = LevelRun([StreamRecord() for _ in plans])
+    gate = asyncio.Semaphore(CONNECT_AT_ONCE)
+
+    async def opened(record: StreamRecord) -> ClientConnection | None:
+        async with gate:
+            try:
+                ws, started = await open_stream(server.server)
+            except Exception as err:
+                record.error = f"{type(err).__name__}: {err}"
+                return None
+        run.session_options.update(started.get("config") or {})
+        return ws
+
+    began = time.monotonic()
+    run.before = await scrape(server.server)
+    cpu_before = process_cpu_seconds(server.pid) if server.pid else 0.0
+    generator_before = time.process_time()
+    machine_before = machine_cpu_seconds()
+    connections = await asyncio.gather(*(opened(r) for r in run.records))
+    frame_s = frame_ms / 1000
+    start = loop.time() + 0.5
+    for i, record in enumerate(run.records):  # phases spread over a frame: no lock-step bursts
+        record.t0 = start + frame_s * i / len(run.records)
+    watcher = asyncio.create_task(watch(server.server, run))
+    try:
+        await asyncio.gather(
+            *(
+                play(ws, plan, record, frame_s, tail_s=60 + seconds)
+                for ws, plan, record in zip(connections, plans, run.records, strict=True)
+                if ws is not None
+            )
+        )
+    finally:
+        watcher.cancel()
+    if server.pid:
+        run.server_cpu_s = process_cpu_seconds(server.pid) - cpu_before
+    run.generator_cpu_s = time.process_time() - generator_before
+    run.machine_cpu_s = machine_cpu_seconds() - machine_before
+    run.after = await scrape(server.server)
+    run.wall_s = time.monotonic() - began
+    return run
+
+
+def level_figures(
+    plans: list[StreamPlan], run: LevelRun, frame_ms: int, gateway_only: bool
+) -> dict:
+    """The figures of one level and whether the targets hold."""
+    measures = [measure_stream(p, r) for p, r in zip(plans, run.records, strict=True)]
+    total = StreamMeasures()
+    stability = StabilityStats()
+    for m in measures:
+        for name in ("utterances", "finals", "missing", "extra_finals", "empty_finals"):
+            setattr(total, name, getattr(total, name) + getattr(m, name))
+        total.no_partial += m.no_partial
+        total.partials += m.partials
+        total.first_text_ms += m.first_text_ms
+        total.finalization_ms += m.finalization_ms
+        total.partial_delay_ms += m.partial_delay_ms
+        total.status_lag_ms += m.status_lag_ms
+        for stage, values in m.split_ms.items():
+            total.split_ms[stage] += values
+        for partials, final in m.segments:
+            stability.add_segment(partials, final)
+    failed = [r.error for r in run.records if r.error]
+    played = [p for p, r in zip(plans, run.records, strict=True) if not r.error]
+    audio_s = sum(len(p.frames) for p in played) * frame_ms / 1000
+    cpu_per_stream_s = (
+        run.server_cpu_s / audio_s if run.server_cpu_s is not None and audio_s else None
+    )
+    streams_per_core = round(1 / cpu_per_stream_s, 1) if cpu_per_stream_s else None
+    dropped_name = "streamscribe_partials_dropped_total"
+    dropped_before = by_label(run.before, dropped_name, "reason")
+    dropped = {
+        reason: int(value - dropped_before.get(reason, 0.0))
+        for reason, value in sorted(by_label(run.after, dropped_name, "reason").items())
+        if value > dropped_before.get(reason, 0.0)
+    }
+    compute_name = "streamscribe_engine_compute_seconds_total"
+    # /proc/stat counts in whole ticks: a few hundredths of a core either way are noise
+    other_cpu_s = run.machine_cpu_s - (run.server_cpu_s or 0.0) - run.generator_cpu_s
+    hangover_ms = float(run.session_options.get("hangover_ms", 500))
+
+    first = summary(total.first_text_ms)
+    final = summary(total.finalization_ms)
+    targets = {
+        "first_partial_p95_ms": _target(first["p95"], FIRST_PARTIAL_TARGET_MS, "<="),
+        "finalization_p95_ms": _target(final["p95"], hangover_ms + FINALIZATION_MARGIN_MS, "<="),
+        "finals_missing": _target(total.missing + len(failed), 0, "<="),
+        "status_lag_messages": _target(len(total.status_lag_ms), 0, "<="),
+        "streams_per_core": _target(
+            streams_per_core if gateway_only else None, STREAMS_PER_CORE_TARGET, ">="
+        ),
+    }
+    return {
+        "streams": len(plans),
+        "streams_failed": len(failed),
+        "stream_errors": sorted(set(failed))[:5],
+        "streams_closed": sum(m.closed for m in measures),
+        "audio_s": round(audio_s, 1),
+        "wall_s": round(run.wall_s, 1),
+        "utterances": total.utterances,
+        "finals": total.finals,
+        "finals_missing": total.missing,
+        "finals_extra": total.extra_finals,
+        "finals_empty": total.empty_finals,
+        "first_partial_ms": first,
+        "first_text_in_final": total.no_partial,
+        "finalization_ms": final,
+        **{f"{stage}_ms": summary(v) for stage, v in total.split_ms.items()},
+        "partials": total.partials,
+        "partial_delay_ms": summary(total.partial_delay_ms),
+        "partials_dropped": dropped,
+        "change_rate": round(stability.change_rate, 4),
+        "stable_change_rate": round(stability.stable_change_rate, 4),
+        "words_shown": stability.words_shown,
+        "status_messages": len(total.status_lag_ms),
+        "status_lag_max_ms": max(total.status_lag_ms, default=0),
+        "lag_s": {
+            "max": round(max(run.lag_s, default=0.0), 3),
+            "p95": round(percentile(run.lag_s, 95), 3) if run.lag_s else None,
+            "samples": len(run.lag_s),
+        },
+        "queued_audio_max_s": round(max(run.queued_audio_s, default=0.0), 2),
+        "batch_size_mean": round(scalar(run.after, "streamscribe_batch_size_mean"), 2),
+        "engine_compute_s": round(
+            scalar(run.after, compute_name) - scalar(run.before, compute_name), 2
+        ),
+        "server_cpu_s": None if run.server_cpu_s is None else round(run.server_cpu_s, 2),
+        "server_cpu_ms_per_stream_s": (
+            None if cpu_per_stream_s is None else round(1000 * cpu_per_stream_s, 3)
+        ),
+        "streams_per_core": streams_per_core,
+        "generator_cpu_s": round(run.generator_cpu_s, 2),
+        "other_cpu_cores": round(max(0.0, other_cpu_s) / run.wall_s, 2),
+        "generator_send_late_ms": summary([x for r in run.records for x in r.send_late_ms]),
+        "hangover_ms": hangover_ms,
+        "targets": targets,
+        "sustained": bool(targets["finalization_p95_ms"]["ok"] and targets["finals_missing"]["ok"]),
+        "at_slo": all(
+            targets[name]["ok"]
+            for name in (
+                "first_partial_p95_ms",
+                "finalization_p95_ms",
+                "finals_missing",
+                "status_lag_messages",
+            )
+        ),
+    }
+
+
+def _target(value: float | None, limit: float, op: str) -> dict:
+    """A target check; `ok` is None when the value was not measured (or does not apply)."""
+    ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
+    return {"value": value, "limit": f"{op} {limit:g}", "ok": ok}
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.stream_load", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", default="noop", help="noop[:ms], whisper, auto or a folder")
+    parser.add_argument(
+        "--streams", default="16", help="concurrent streams, or a list run in turn: 1,4,16"
+    )
+    parser.add_argument("--seconds", type=float, default=30.0, help="audio per stream")
+    parser.add_argument("--frame-ms", type=int, default=100, help="audio per WebSocket frame")
+    parser.add_argument("--url", help="use this running server (ws://host:port) instead")
+    parser.add_argument("--config", metavar="FILE", help="YAML settings for the started server")
+    parser.add_argument(
+        "--ramp",
+        action="store_true",
+        help="stop at the first level that breaks p95 finalization or loses finals; one "
+        "--streams value doubles until then",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.levels = [int(n) for n in args.streams.split(",")]
+    except ValueError:
+        parser.error(f"--streams: expected numbers separated by commas, got {args.streams!r}")
+    if any(n < 1 for n in args.levels) or args.seconds <= 0 or args.frame_ms < 10:
+        parser.error("--streams must be >= 1, --seconds > 0 and --frame-ms >= 10")
+    return args
+
+
+def levels_to_run(levels: list[int], ramp: bool) -> list[int]:
+    if ramp and len(levels) == 1:
+        return [levels[0] * 2**i for i in range(16)]
+    return levels
+
+
+async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
+    """Run every level on one server and record the figures with write_result."""
+    clips = load_clips(args.frame_ms)
+    tape = build_tape(clips, args.frame_ms)
+    gateway_only = args.url is None and args.model.startswith("noop") and args.frame_ms == 100
+    async with contextlib.AsyncExitStack() as stack:
+        if args.url:
+            server = ServerProcess(None, endpoints(args.url))
+            await _until_ready(server.server, None, None)
+        else:
+            server = await stack.enter_async_context(spawned_server(args.model, args.config))
+        progress("warming up the engine with one clip")
+        await warm_up(server.server, clips[0])
+        levels = []
+        for count in levels_to_run(args.levels, args.ramp):
+            progress(f"level: {count} streams x {args.seconds:g} s")
+            plans = plan_streams(tape, count, args.seconds, args.frame_ms)
+            run = await run_level(server, plans, args.frame_ms, args.seconds)
+            figures = level_figures(plans, run, args.frame_ms, gateway_only)
+            print(report(figures, args.model, args.frame_ms), flush=True)
+            levels.append(figures)
+            if args.ramp and not figures["sustained"]:
+                break
+            await asyncio.sleep(1.0)  # let the server close the last sessions
+    sustained = [f["streams"] for f in levels if f["sustained"]]
+    at_slo = [f["streams"] for f in levels if f["at_slo"]]
+    result = {
+        "levels": levels,
+        "highest_sustained_streams": max(sustained, default=0),
+        "highest_streams_at_slo": max(at_slo, default=0),
+    }
+    settings = {
+        "model": args.model,
+        "url": args.url,
+        "config": args.config,
+        "streams": [f["streams"] for f in levels],
+        "ramp": args.ramp,
+        "seconds_per_stream": args.seconds,
+        "frame_ms": args.frame_ms,
+        "pacing": "frame k sent at t0+(k+1)*frame; latencies from when the audio was spoken",
+        "clips": [
+            {"id": c.id, "onset_ms": c.onset_ms, "duration_ms": c.duration_ms} for c in clips
+        ],
+        "gap_s": GAP_S,
+        "tail_ms": TAIL_MS,
+        "tape_period_s": tape.period * args.frame_ms / 1000,
+        "onset_dbfs": ONSET_DBFS,
+        "seed": SEED,
+    }
+    path = write_result("stream_load", result, settings)
+    progress(
+        f"highest sustained level: {result['highest_sustained_streams']} streams; "
+        f"at SLO: {result['highest_streams_at_slo']}; written to {path}"
+    )
+    return result, path
+
+
+def report(f: dict, model: str, frame_ms: int) -> str:
+    """A human-readable summary of one level."""
+
+    def row(label: str, s: dict) -> str:
+        if not s["n"]:
+            return f"{label:15s} no samples"
+        return (
+            f"{label:15s} p50 {s['p50']:7.0f}  p95 {s['p95']:7.0f}  p99 {s['p99']:7.0f}  "
+            f"max {s['max']:7.0f} ms  (n={s['n']})"
+        )
+
+    def verdict(name: str) -> str:
+        t = f["targets"][name]
+        ok = {True: "ok", False: "FAIL", None: "n/a"}[t["ok"]]
+        return f"target {t['limit']}: {ok}"
+
+    lines = [
+        f"== {f['streams']} streams x {f['audio_s'] / max(1, f['streams']):.0f} s "
+        f"({model}, {frame_ms} ms frames, hangover {f['hangover_ms']:g} ms) ==",
+        f"{row('first partial', f['first_partial_ms'])}  {verdict('first_partial_p95_ms')}"
+        f"  [{f['first_text_in_final']} first shown in the final]",
+        f"{row('finalization', f['finalization_ms'])}  {verdict('finalization_p95_ms')}",
+        *(
+            row(f"  {stage}", f[f"{stage}_ms"])
+            for stage in ("endpoint", "queue", "compute", "delivery")
+        ),
+        row("partial delay", f["partial_delay_ms"]) + "  (from the end of its audio)",
+        f"finals          {f['finals']} for {f['utterances']} utterances: "
+        f"{f['finals_missing']} missing, {f['finals_extra']} extra, {f['finals_empty']} empty; "
+        f"{f['streams_failed']} streams failed  {verdict('finals_missing')}",
+        f"partials        {f['partials']} received, dropped by the server: "
+        f"{f['partials_dropped'] or 'none'}; change rate {f['change_rate']:.3f}, "
+        f"stable change rate {f['stable_change_rate']:.3f} ({f['words_shown']} words shown)",
+        f"lag             {f['status_messages']} status messages (max {f['status_lag_max_ms']} ms);"
+        f" /metrics lag max {f['lag_s']['max']:.2f} s, queued audio max "
+        f"{f['queued_audio_max_s']:.1f} s; batch size mean {f['batch_size_mean']}",
+    ]
+    if f["server_cpu_s"] is not None:
+        lines.append(
+            f"server CPU      {f['server_cpu_s']:.2f} s for {f['audio_s']:.0f} s of audio = "
+            f"{f['server_cpu_ms_per_stream_s']:.3f} ms per stream-second -> "
+            f"{f['streams_per_core']:,.0f} real-time streams per core  "
+            f"{verdict('streams_per_core')}"
+        )
+    late = f["generator_send_late_ms"]
+    lines.append(
+        f"load generator  {f['generator_cpu_s']:.1f} s CPU in {f['wall_s']:.0f} s; frames sent "
+        f"late by p95 {late['p95']} ms, max {late['max']} ms; other processes"
+        f"{'' if f['server_cpu_s'] is not None else ' (the server included)'} used "
+        f"{f['other_cpu_cores']:.2f} cores"
+    )
+    if late["p95"] is not None and late["p95"] > SEND_LATE_WARN_MS:
+        lines.append("WARNING: the load generator fell behind real time; latencies overstated")
+    if f["server_cpu_s"] is not None and f["other_cpu_cores"] > OTHER_CPU_WARN_CORES:
+        lines.append("WARNING: other processes competed for the CPU; latencies overstated")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    asyncio.run(run_benchmark(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
