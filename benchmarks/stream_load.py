@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -66,6 +67,7 @@ SEED = 0
 FIRST_PARTIAL_TARGET_MS = 500.0
 FINALIZATION_MARGIN_MS = 150.0  # target: p95 finalization <= hangover + this
 STREAMS_PER_CORE_TARGET = 500.0  # gateway + VAD alone (noop engine), 100 ms frames
+CAPTION_DELAY_TARGET_S = 3.0  # end of a word's audio to the caption that holds it, p95
 CONNECT_AT_ONCE = 32
 METRICS_EVERY_S = 1.0
 SEND_LATE_WARN_MS = 20.0
@@ -249,6 +251,22 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
 
 def scalar(samples: Samples, name: str) -> float:
     return samples.get(name, {}).get((), 0.0)
+
+
+def histogram_p95(before: Samples, after: Samples, name: str, kind: str) -> float | None:
+    """The bucket bound under which 95 % of the observations made between two scrapes fall
+    (an upper estimate, as fine as the histogram's buckets); None without observations."""
+    counts: dict[float, float] = {}
+    for source, sign in ((after, 1.0), (before, -1.0)):
+        for key, value in source.get(f"{name}_bucket", {}).items():
+            labels = dict(key)
+            if labels.get("kind") == kind:
+                bound = float(labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sign * value
+    total = counts.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    return next(bound for bound in sorted(counts) if counts[bound] >= 0.95 * total)
 
 
 # --- what one stream saw ---------------------------------------------------------------------
@@ -645,11 +663,19 @@ def level_figures(
 
     first = summary(total.first_text_ms)
     final = summary(total.finalization_ms)
+    caption_p95 = {
+        kind: histogram_p95(run.before, run.after, "streamscribe_caption_delay_seconds", kind)
+        for kind in ("cue", "append")
+    }
+    measured = [v for v in caption_p95.values() if v is not None]
     targets = {
         "first_partial_p95_ms": _target(first["p95"], FIRST_PARTIAL_TARGET_MS, "<="),
         "finalization_p95_ms": _target(final["p95"], hangover_ms + FINALIZATION_MARGIN_MS, "<="),
         "finals_missing": _target(total.missing + len(failed), 0, "<="),
         "status_lag_messages": _target(len(total.status_lag_ms), 0, "<="),
+        "caption_delay_p95_s": _target(
+            max(measured) if measured else None, CAPTION_DELAY_TARGET_S, "<="
+        ),
         "streams_per_core": _target(
             streams_per_core if gateway_only else None, STREAMS_PER_CORE_TARGET, ">="
         ),
@@ -697,6 +723,7 @@ def level_figures(
         "other_cpu_cores": round(max(0.0, other_cpu_s) / run.wall_s, 2),
         "generator_send_late_ms": summary([x for r in run.records for x in r.send_late_ms]),
         "hangover_ms": hangover_ms,
+        "caption_delay_p95_s": caption_p95,
         "targets": targets,
         "sustained": bool(targets["finalization_p95_ms"]["ok"] and targets["finals_missing"]["ok"]),
         "at_slo": all(
@@ -737,6 +764,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", help="use this running server (ws://host:port) instead")
     parser.add_argument("--config", metavar="FILE", help="YAML settings for the started server")
     parser.add_argument(
+        "--captions",
+        choices=("popon", "rollup", "off"),
+        default="popon",
+        help="caption mode of every stream (caption delay is measured from /metrics)",
+    )
+    parser.add_argument(
         "--ramp",
         action="store_true",
         help="stop at the first level that breaks p95 finalization or loses finals; one "
@@ -769,6 +802,11 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
             await _until_ready(server.server, None, None)
         else:
             server = await stack.enter_async_context(spawned_server(args.model, args.config))
+        if args.captions != "off":
+            stream = f"{server.server.stream}?captions_mode={args.captions}"
+            server = dataclasses.replace(
+                server, server=dataclasses.replace(server.server, stream=stream)
+            )
         progress("warming up the engine with one clip")
         await warm_up(server.server, clips[0])
         levels = []
@@ -797,6 +835,7 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
         "ramp": args.ramp,
         "seconds_per_stream": args.seconds,
         "frame_ms": args.frame_ms,
+        "captions": args.captions,
         "pacing": "frame k sent at t0+(k+1)*frame; latencies from when the audio was spoken",
         "clips": [
             {"id": c.id, "onset_ms": c.onset_ms, "duration_ms": c.duration_ms} for c in clips
@@ -851,6 +890,8 @@ def report(f: dict, model: str, frame_ms: int) -> str:
         f"lag             {f['status_messages']} status messages (max {f['status_lag_max_ms']} ms);"
         f" /metrics lag max {f['lag_s']['max']:.2f} s, queued audio max "
         f"{f['queued_audio_max_s']:.1f} s; batch size mean {f['batch_size_mean']}",
+        f"caption delay   p95 cue {f['caption_delay_p95_s']['cue']} s, append "
+        f"{f['caption_delay_p95_s']['append']} s (bucket bounds)  {verdict('caption_delay_p95_s')}",
     ]
     if f["server_cpu_s"] is not None:
         lines.append(

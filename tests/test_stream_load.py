@@ -255,3 +255,19 @@ def test_two_noop_streams_end_to_end(tmp_path, monkeypatch):
     record = json.loads(path.read_text())
     assert record["benchmark"] == "stream_load" and record["settings"]["model"] == "noop"
     assert record["figures"]["levels"][0]["finals"] == level["finals"]
+
+
+def test_histogram_p95_from_bucket_deltas():
+    from benchmarks.stream_load import histogram_p95, parse_prometheus
+
+    name = "streamscribe_caption_delay_seconds"
+
+    def scrape(counts):
+        lines = [f'{name}_bucket{{kind="cue",le="{le}"}} {n}' for le, n in counts]
+        return parse_prometheus("\n".join(lines))
+
+    before = scrape([("1.0", 5), ("3.0", 5), ("+Inf", 5)])
+    after = scrape([("1.0", 50), ("3.0", 100), ("+Inf", 105)])
+    assert histogram_p95(before, after, name, "cue") == 3.0  # 95 of 100 new ones by 3 s
+    assert histogram_p95(before, before, name, "cue") is None
+    assert histogram_p95(before, after, name, "append") is None
