@@ -9,6 +9,9 @@ import json
 import urllib.error
 import urllib.request
 
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
 from engine.api import Hypothesis, Word
 from streaming.config import Config
 from streaming.server import Gateway
@@ -90,3 +93,22 @@ async def collect(ws, until: str = "session.closed", timeout_s: float = 60.0) ->
             if message["type"] == until:
                 break
     return messages
+
+
+async def read_all(ws) -> list[dict]:
+    """Every JSON message until the server closes the connection."""
+    messages = []
+    async with asyncio.timeout(30):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                messages.append(json.loads(await ws.recv()))
+    return messages
+
+
+async def subscribe(gw, call_id: str, **connect_options):
+    """A subscriber to a call's events, returned once the gateway has registered it."""
+    ws = await connect(f"ws://127.0.0.1:{gw.port}/v1/calls/{call_id}/events", **connect_options)
+    async with asyncio.timeout(10):
+        while len(getattr(gw.calls.calls.get(call_id), "subscribers", ())) < 1:
+            await asyncio.sleep(0.01)
+    return ws

@@ -4,7 +4,6 @@ frames, stereo as caller and callee, results back on the socket and to the call'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from streaming.dialects.audiofork import AudioForkDialect
 from streaming.dialects.base import Audio, Close, Configure, KeepAlive, Opening, Reject
 from streaming.events import ErrorEvent, FinalTranscript, Latency, PartialTranscript
-from tests.gateway_harness import EchoEngine, gateway_config, running
+from tests.gateway_harness import EchoEngine, gateway_config, read_all, running, subscribe
 from tests.streams import RATE, librivox_clips, to_s16le
 
 CALL_SID = "9fb35c28-9688-4531-943c-e280b04f3adf"
@@ -113,22 +112,6 @@ def stereo(left: np.ndarray, right: np.ndarray) -> bytes:
     frames = np.zeros((max(len(left), len(right)), 2), np.float32)
     frames[: len(left), 0], frames[: len(right), 1] = left, right
     return to_s16le(frames.reshape(-1))
-
-
-async def read_all(ws) -> list[dict]:
-    messages = []
-    async with asyncio.timeout(30):
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                messages.append(json.loads(await ws.recv()))
-    return messages
-
-
-async def subscribe(gw, call_id: str):
-    ws = await connect(f"ws://127.0.0.1:{gw.port}/v1/calls/{call_id}/events")
-    while len(getattr(gw.calls.calls.get(call_id), "subscribers", ())) < 1:
-        await asyncio.sleep(0.01)
-    return ws
 
 
 def test_jambonz_stereo_call_hung_up_mid_speech():

@@ -5,21 +5,17 @@ bad input."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import socket
 import uuid
 
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from clients.telephony import audiosocket_sim
 from streaming.audiosocket import AudioSocketDialect, packet
 from streaming.dialects.base import Audio, Close, Configure, KeepAlive, Reject
 from streaming.events import ErrorEvent
-from tests.gateway_harness import EchoEngine, gateway_config, running
+from tests.gateway_harness import EchoEngine, gateway_config, read_all, running, subscribe
 from tests.streams import RATE, librivox_clips
 
 CALL = uuid.UUID("4f1f1f6e-9f6a-4c1e-8d5e-2d1b9d6c7a10")
@@ -94,22 +90,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-async def read_all(ws) -> list[dict]:
-    messages = []
-    async with asyncio.timeout(30):
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                messages.append(json.loads(await ws.recv()))
-    return messages
-
-
-async def subscribe(gw, call_id: str):
-    ws = await connect(f"ws://127.0.0.1:{gw.port}/v1/calls/{call_id}/events")
-    while len(getattr(gw.calls.calls.get(call_id), "subscribers", ())) < 1:
-        await asyncio.sleep(0.01)
-    return ws
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streaming import calls
 from streaming.calls import CallHub, call_events_id
 from streaming.events import FinalTranscript, Latency, PartialTranscript, SessionStarted
-from tests.gateway_harness import EchoEngine, gateway_config, running
+from tests.gateway_harness import EchoEngine, gateway_config, read_all, running, subscribe
 
 LABELS = ("inbound", "outbound")
 
@@ -29,23 +29,6 @@ def final(channel: int, text: str = "hello there") -> FinalTranscript:
 
 def partial(channel: int) -> PartialTranscript:
     return PartialTranscript(channel, 1, 1, 0, 400, "hel", "lo")
-
-
-async def subscribe(gw, call_id: str):
-    ws = await connect(f"ws://127.0.0.1:{gw.port}/v1/calls/{call_id}/events", max_queue=4)
-    async with asyncio.timeout(10):
-        while len(getattr(gw.calls.calls.get(call_id), "subscribers", ())) < 1:
-            await asyncio.sleep(0.01)
-    return ws
-
-
-async def read_all(ws) -> list[dict]:
-    messages = []
-    async with asyncio.timeout(30):
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                messages.append(json.loads(await ws.recv()))
-    return messages
 
 
 def test_call_paths():

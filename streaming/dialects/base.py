@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -86,3 +87,14 @@ class Dialect(Protocol):
     def on_binary(self, data: bytes) -> list[Command]: ...
 
     def encode(self, event: Event) -> list[str | bytes]: ...
+
+
+def parse_message(text: str) -> dict | Reject:
+    """A text frame as a JSON object with a string `type`, or the Reject that says why not."""
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Reject("bad_json", f"text frames must be JSON: {err}")
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return Reject("bad_message", "a control message is a JSON object with a 'type'")
+    return message

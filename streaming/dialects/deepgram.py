@@ -23,7 +23,16 @@ from engine.api import Word
 from streaming.audio import ENCODINGS as BYTES_PER_SAMPLE
 from streaming.audio import SAMPLE_RATES, AudioDecoder, AudioFormat
 from streaming.config import parse_bool
-from streaming.dialects.base import Audio, Close, Command, Finalize, KeepAlive, Opening, Reject
+from streaming.dialects.base import (
+    Audio,
+    Close,
+    Command,
+    Finalize,
+    KeepAlive,
+    Opening,
+    Reject,
+    parse_message,
+)
 from streaming.events import (
     ErrorEvent,
     Event,
@@ -251,12 +260,9 @@ class DeepgramDialect:
         return [Audio(_mono(self.mixer.feed(data)))]
 
     def on_text(self, text: str) -> list[Command]:
-        try:
-            message = json.loads(text)
-        except json.JSONDecodeError as err:
-            return [Reject("bad_json", f"could not parse the text message as JSON: {err}")]
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            return [Reject("bad_message", "a control message is a JSON object with a 'type'")]
+        message = parse_message(text)
+        if isinstance(message, Reject):
+            return [message]
         kind = message["type"]
         if kind == "KeepAlive":
             return [KeepAlive()]

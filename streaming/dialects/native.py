@@ -20,6 +20,7 @@ from streaming.dialects.base import (
     Opening,
     Reject,
     Update,
+    parse_message,
 )
 from streaming.events import (
     CaptionAppend,
@@ -83,12 +84,9 @@ class NativeDialect:
         return [Audio(data)]
 
     def on_text(self, text: str) -> list[Command]:
-        try:
-            message = json.loads(text)
-        except json.JSONDecodeError as err:
-            return [Reject("bad_json", f"text frames must be JSON: {err}")]
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            return [Reject("bad_message", "a control message is a JSON object with a 'type'")]
+        message = parse_message(text)
+        if isinstance(message, Reject):
+            return [message]
         kind = message["type"]
         body = {k: v for k, v in message.items() if k != "type"}
         if kind in ("session.start", "session.update"):
