@@ -138,10 +138,8 @@ def _print_config(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (then drain); a model that cannot load stops the process."""
-    import asyncio
-
     from engine import selection
-    from streaming import server
+    from streaming import eventloop, server
 
     cfg = _configure(
         args,
@@ -158,7 +156,12 @@ def _serve(args: argparse.Namespace) -> int:
         return selection.load_engine(**dataclasses.asdict(cfg.engine))
 
     try:
-        error = asyncio.run(server.run(cfg, load))
+        run = eventloop.runner(cfg.server.event_loop)
+    except RuntimeError as err:  # uvloop asked for and not installed
+        print(f"streamscribe: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        error = run(server.run(cfg, load))
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
         error = f"cannot listen: {err.strerror or err}"
     if error:

@@ -114,6 +114,7 @@ class ServerConfig:
     max_upload_bytes: int = setting(26214400, ge=1024)
     caption_sessions: int = setting(100, ge=1)
     caption_cues: int = setting(100000, ge=1)
+    event_loop: str = setting("auto", choices=("auto", "uvloop", "asyncio"))
 
 
 @dataclass(frozen=True)

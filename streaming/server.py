@@ -34,6 +34,7 @@ from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
+from streaming.eventloop import loop_name
 from streaming.gateway import Connection
 from streaming.metrics import Metrics
 from streaming.openai_rest import RestServer
@@ -305,12 +306,17 @@ async def run(config: Config, load_engine: Callable[[], Engine]) -> str | None:
     gateway = Gateway(config, load_engine)
     await gateway.start()
     http_port = gateway.rest.port if gateway.rest is not None else None
+    loop = asyncio.get_running_loop()
     log.warning(
         "listening",
-        extra={"host": config.server.host, "port": gateway.port, "http_port": http_port},
+        extra={
+            "host": config.server.host,
+            "port": gateway.port,
+            "http_port": http_port,
+            "event_loop": loop_name(loop),
+        },
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stopping = asyncio.create_task(stop.wait())

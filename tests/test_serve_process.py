@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from tests.streams import RATE, chunks, librivox_clips, to_s16le
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, int]:
+def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """The server process and its "listening" log record (port, event loop, ...)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -38,6 +40,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen, int]:
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -46,14 +49,15 @@ def start_server(*args: str) -> tuple[subprocess.Popen, int]:
             break
         record = json.loads(line)
         if record.get("msg") == "listening":
-            return proc, record["port"]
+            return proc, record
     proc.kill()
     raise AssertionError("server did not report its port")
 
 
 def test_sigterm_drains_open_streams_then_exits():
     speech = librivox_clips()[0][1]
-    proc, port = start_server("--model", "noop")
+    proc, listening = start_server("--model", "noop")
+    port = listening["port"]
     try:
 
         async def main():
@@ -79,6 +83,20 @@ def test_sigterm_drains_open_streams_then_exits():
     kinds = [m["type"] for m in messages]
     assert "transcript.final" in kinds and kinds[-1] == "session.closed"
     assert messages[-1]["reason"] == "shutdown" and code == 1001
+
+
+def test_serves_on_uvloop_unless_asyncio_is_configured():
+    asked_for_asyncio = {"STREAMSCRIBE_SERVER__EVENT_LOOP": "asyncio"}
+    for env, expected in (({}, "uvloop"), (asked_for_asyncio, "asyncio")):
+        proc, listening = start_server("--model", "noop", env=env)
+        try:
+            assert listening["event_loop"] == expected
+            assert asyncio.run(http_get(listening["port"], "/healthz"))[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()
+            proc.stderr.close()
 
 
 def test_model_that_cannot_load_stops_the_server(tmp_path):
