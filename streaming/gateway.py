@@ -54,6 +54,7 @@ CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE = 4001, 4002
 STATUS_EVERY_S = 1.0
 DRAIN_READ_S = 0.5  # on shutdown, frames already sent are still read for this long
 WATCHDOG_S = 0.25  # how often a connection checks its idle, duration, drain and send clocks
+YIELD_EVERY = 4  # frames read in a row before the reader lets other tasks run
 
 
 class Connection:
@@ -91,6 +92,7 @@ class Connection:
         self.reader: asyncio.Task | None = None  # set while it waits for the next frame
         self.interrupted: str | None = None  # why the watchdog stopped that wait
         self.last_status = 0.0
+        self.counted_audio_ms = 0  # audio already added to the audio-seconds counter
         self.first_partial_sent: set[tuple[int, int]] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -125,6 +127,7 @@ class Connection:
         try:
             await self._emit(self.session.start())
             await self._read()
+            self._count_audio()
             if self.session.state != "open":
                 await self._until_closed_sent()
                 await self.ws.close(CLOSE_NORMAL if self.drain_at is None else CLOSE_GOING_AWAY)
@@ -146,6 +149,7 @@ class Connection:
     async def _read(self) -> None:
         server = self.config.server
         session = self.session
+        unyielded = 0
         while session.state == "open":
             self.reader = asyncio.current_task()
             try:
@@ -177,7 +181,12 @@ class Connection:
             while session.pending_finals >= server.max_pending_finals:
                 self.progress.clear()  # backpressure: stop reading until finals come back
                 await self.progress.wait()
-            await asyncio.sleep(0)  # let results and other streams in between buffered frames
+            unyielded += 1
+            if unyielded == YIELD_EVERY:
+                # recv() returns without waiting when frames are buffered (a client sending
+                # faster than real time): let results and other streams in now and then.
+                unyielded = 0
+                await asyncio.sleep(0)
 
     def _watch(self) -> None:
         """Every WATCHDOG_S: cut a client that stopped reading, and stop waiting for frames on
@@ -217,11 +226,13 @@ class Connection:
         session = self.session
         if isinstance(command, Audio):
             self.audio_seen = True
-            before = session.audio_ms
             outputs = session.feed_audio(command.data)
-            self.metrics.audio_seconds.inc((session.audio_ms - before) / 1000)
-            await self._emit(outputs)
-            await self._maybe_status()
+            if outputs:
+                await self._emit(outputs)
+            now = self.loop.time()
+            if now - self.last_status >= STATUS_EVERY_S:
+                self.last_status = now
+                await self._status()
         elif isinstance(command, Configure):
             if self.audio_seen:
                 await self._fail(
@@ -377,11 +388,9 @@ class Connection:
         sent.cancel()
         gone.cancel()
 
-    async def _maybe_status(self) -> None:
-        now = self.loop.time()
-        if now - self.last_status < STATUS_EVERY_S:
-            return
-        self.last_status = now  # the backlog is looked at once a second at most
+    async def _status(self) -> None:
+        """Once a second at most: count the audio received, tell the client of a backlog."""
+        self._count_audio()
         lag_ms, queued_ms = self.scheduler.backlog()
         if lag_ms >= self.config.server.status_lag_ms:
             await self._emit(self.session.status(lag_ms, queued_ms))
@@ -393,10 +402,18 @@ class Connection:
         self.metrics.errors.labels("slow_client").inc()
         self.ws.transport.abort()
 
+    def _count_audio(self) -> None:
+        """The audio-seconds counter moves in steps (once a second and at the end), not per
+        frame: a counter increment takes a lock."""
+        audio_ms = self.session.audio_ms
+        self.metrics.audio_seconds.inc((audio_ms - self.counted_audio_ms) / 1000)
+        self.counted_audio_ms = audio_ms
+
     def _abandon(self) -> None:
         """Free what the connection holds: pending partials never need computing now."""
         if self.session is None:
             return
+        self._count_audio()
         for channel in self.session.channels:
             for segment_id in list(channel.trackers) + list(channel.partial_rev):
                 self.scheduler.cancel((self.id, channel.index, segment_id))

@@ -266,6 +266,7 @@ class Session:
         partial = tracker.update(hypothesis.words, ms(len(request.audio)))
         self.stats.partials_sent += 1
         start_ms = ms(span[1])
+        words = _shift([*partial.stable, *partial.volatile], start_ms)
         return [
             PartialTranscript(
                 channel=channel.index,
@@ -275,11 +276,9 @@ class Session:
                 end_ms=start_ms + ms(len(request.audio)),
                 stable_text=partial.stable_text,
                 volatile_text=partial.volatile_text,
-                words=_shift([*partial.stable, *partial.volatile], start_ms),
+                words=words,
             ),
-            *self.captions.stable(
-                channel.index, request.segment_id, _shift(partial.stable, start_ms)
-            ),
+            *self.captions.stable(channel.index, request.segment_id, words[: len(partial.stable)]),
         ]
 
     def _final(
@@ -323,7 +322,6 @@ class Session:
 
 
 def _shift(words: list[Word], offset_ms: int) -> list[Word]:
-    return [
-        dataclasses.replace(w, start_ms=w.start_ms + offset_ms, end_ms=w.end_ms + offset_ms)
-        for w in words
-    ]
+    """Segment-relative words in stream time (built directly: `dataclasses.replace` costs 3x,
+    and every partial of every stream shifts all its words)."""
+    return [Word(w.word, w.start_ms + offset_ms, w.end_ms + offset_ms, w.confidence) for w in words]
