@@ -283,3 +283,25 @@ def test_wer_benchmark_reports_missing_data_in_one_line(fake_run, monkeypatch, c
     assert err.strip().endswith("apt-get install pocketsphinx-testdata")
     assert "Traceback" not in err and "written to" not in out
     assert fake_run.calls == []
+
+
+def test_session_cost_carries_real_speech_through_sessions_and_records_figures(monkeypatch):
+    from benchmarks import session_cost
+
+    recorded = {}
+    monkeypatch.setattr(
+        session_cost, "write_result", lambda name, figures, settings: recorded.update(figures)
+    )
+    finals = []
+    original = session_cost.Session.on_result
+
+    def on_result(self, request, hypothesis, **kw):
+        if request.kind == "final":
+            finals.append(hypothesis.text)
+        return original(self, request, hypothesis, **kw)
+
+    monkeypatch.setattr(session_cost.Session, "on_result", on_result)
+    session_cost.main("--streams 2 --seconds 12 --repeats 1 --captions popon".split())
+    assert len(finals) >= 2  # each stream's speech is segmented and answered
+    ms = recorded["captions_popon_cpu_ms_per_stream_s"]
+    assert ms > 0 and recorded["captions_popon_streams_per_core"] == round(1000 / ms)
