@@ -46,6 +46,14 @@ _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 # Audio is framed in pieces of at most this many samples, so one huge feed (a whole file) does
 # not allocate per-frame arrays for all of it at once.
 _BLOCK_SAMPLES = SAMPLE_RATE
+# Bounds for int16 PCM, as long as the most a block can frame (its samples and a partial frame
+# left from before): resampled audio can overshoot [-1, 1] a little. Scaling first and then
+# clamping gives the same values as clamping to [-1, 1] first (the product is monotonic), and
+# np.maximum/np.minimum against whole arrays take numpy's fast loop, which they do not against a
+# scalar (there they cost more than the scaling; np.clip more still).
+_PCM_LOW = np.full(_BLOCK_SAMPLES + 30 * _SAMPLES_PER_MS, -32767.0, np.float32)
+_PCM_HIGH = -_PCM_LOW
+_PCM_LOW.flags.writeable = _PCM_HIGH.flags.writeable = False
 
 CloseReason = Literal["endpoint", "max_length", "flush"]
 GapReason = Literal["too_short"]
@@ -183,7 +191,7 @@ Event = SpeechStarted | SpeechStopped | SegmentClosed | Gap
 
 @dataclass(frozen=True, eq=False)
 class OpenSegment:
-    """The segment being spoken: its audio so far (a read-only copy), for partial transcripts."""
+    """The segment being spoken: its audio so far (read-only, never changed), for partials."""
 
     segment_id: int
     start_sample: int
@@ -202,7 +210,16 @@ _IDLE, _PENDING, _OPEN = 0, 1, 2
 
 
 class Segmenter:
-    """Sans-I/O segmenter for one channel: `feed` samples, get events back."""
+    """Sans-I/O segmenter for one channel: `feed` samples, get events back.
+
+    The audio still needed (the open segment, or while idle the padding window) is held in one
+    buffer that runs to the last sample fed, so a segment's audio is a view of it, not a copy.
+    The memory under a view handed out is never written again, as its holder (a scheduler on
+    another thread) may keep it: samples are only ever added at the end, and once a view has
+    been taken, moving the samples still needed to the front (to drop the rest, or when the
+    buffer is full) takes a fresh buffer. So each segment after a close or a split starts in a
+    fresh one.
+    """
 
     def __init__(self, cfg: SegmenterConfig | None = None) -> None:
         self.cfg = cfg = cfg or SegmenterConfig()
@@ -219,11 +236,15 @@ class Segmenter:
         self._end_pad = min(self._pad, hangover_frames * frame)
         self._min = cfg.min_segment_ms * _SAMPLES_PER_MS
         self._max = cfg.max_segment_ms * _SAMPLES_PER_MS
+        # The open segment never reaches max_segment_ms and a block adds at most one second,
+        # so the buffer need not grow past this (a long start window may still need more).
+        self._limit = self._max + _BLOCK_SAMPLES
 
         self._seen = 0  # samples fed so far
         self._pos = 0  # start of the next frame; samples before it have been judged
-        self._remainder = np.zeros(0, np.float32)  # [pos, seen): less than one frame
-        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (first sample, audio) up to pos
+        self._buf = np.empty(0, np.float32)  # stream samples [base, seen), then free room
+        self._base = 0
+        self._shared = False  # a view of _buf has been handed out
         self._floor = 0  # nothing before this may join a new segment or gap
         self._next_id = 0
 
@@ -242,8 +263,9 @@ class Segmenter:
 
     @property
     def buffered_samples(self) -> int:
-        """Samples held in memory (open segment, padding window, a partial frame)."""
-        return sum(len(chunk) for _, chunk in self._chunks) + len(self._remainder)
+        """Samples held in memory (open segment, padding window, a partial frame, and what is
+        no longer needed until the buffer is next moved); its free room is not counted."""
+        return self._seen - self._base
 
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Take the next samples of the stream (float, mono, 16 kHz, any length)."""
@@ -252,8 +274,10 @@ class Segmenter:
             raise ValueError(f"samples must be one-dimensional (mono), got shape {samples.shape}")
         if samples.dtype.kind != "f":
             raise TypeError(f"samples must be floating point in [-1, 1], got {samples.dtype}")
-        samples = samples.astype(np.float32, copy=False)
         events: list[Event] = []
+        if len(samples) <= _BLOCK_SAMPLES:  # as a stream sends it: no slicing
+            self._feed_block(samples, events)
+            return events
         for begin in range(0, len(samples), _BLOCK_SAMPLES):
             self._feed_block(samples[begin : begin + _BLOCK_SAMPLES], events)
         return events
@@ -266,10 +290,7 @@ class Segmenter:
         """
         if self._state == _IDLE:
             return []
-        if len(self._remainder):  # the partial frame belongs to what is being closed
-            self._chunks.append((self._pos, self._remainder))
-            self._pos = self._seen
-            self._remainder = np.zeros(0, np.float32)
+        self._pos = self._seen  # the partial frame belongs to what is being closed
         events: list[Event] = []
         self._close(self._seen, "flush", events)
         self._drop_unneeded()
@@ -289,32 +310,36 @@ class Segmenter:
         return self._seg_id, self._seg_start, self._pos
 
     def _feed_block(self, samples: np.ndarray, events: list[Event]) -> None:
-        frame = self._frame
-        # Our own copy either way: kept audio must not alias the caller's buffer.
-        data = (
-            np.concatenate((self._remainder, samples)) if len(self._remainder) else samples.copy()
-        )
+        held = self._seen - self._base
+        if held + len(samples) > len(self._buf):
+            self._move(len(samples))
+            held = self._seen - self._base
+        # Our own copy, so kept audio does not alias the caller's buffer; float32 from here on.
+        self._buf[held : held + len(samples)] = samples
         self._seen += len(samples)
-        count = len(data) // frame
-        self._remainder = data[count * frame :]
+        frame = self._frame
+        start = self._pos
+        count = (self._seen - start) // frame
         if count == 0:
             return
-        whole = data[: count * frame]
+        first = start - self._base
+        whole = self._buf[first : first + count * frame]
         frames = whole.reshape(count, frame)
         energies = np.einsum("ij,ij->i", frames, frames).tolist()
-        clipped = np.minimum(np.maximum(frames, -1.0), 1.0)  # ufuncs: np.clip costs 2x more here
-        pcm = (clipped * 32767.0).astype("<i2").tobytes()
-        self._chunks.append((self._pos, whole))
+        scaled = whole * 32767.0
+        np.maximum(scaled, _PCM_LOW[: len(scaled)], out=scaled)
+        np.minimum(scaled, _PCM_HIGH[: len(scaled)], out=scaled)
+        pcm = scaled.astype(np.int16).tobytes()  # native order, as the C code reads it
 
         is_speech = self._vad.is_speech
         gate = self._gate_energy
-        step = 2 * frame
-        start = self._pos
+        step = self._step
+        size = 2 * frame
         for i, energy in enumerate(energies):
             # webrtcvad sees every frame, so its noise model adapts to the real background.
-            voiced = is_speech(pcm[i * step : (i + 1) * step], SAMPLE_RATE) and energy >= gate
+            voiced = is_speech(pcm[i * size : (i + 1) * size], SAMPLE_RATE) and energy >= gate
             if voiced or self._state != _IDLE:
-                self._step(start + i * frame, voiced, events)
+                step(start + i * frame, voiced, events)
         self._pos = start + count * frame
         self._drop_unneeded()
 
@@ -395,26 +420,37 @@ class Segmenter:
         return self._next_id - 1
 
     def _audio(self, begin: int, end: int) -> np.ndarray:
-        """A read-only copy of stream samples [begin, end), all of which are still held."""
-        parts = []
-        for first, chunk in self._chunks:
-            last = first + len(chunk)
-            if last <= begin:
-                continue
-            if first >= end:
-                break
-            parts.append(chunk[max(begin - first, 0) : min(end, last) - first])
-        audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        """Stream samples [begin, end), all of which are held, as a read-only view whose memory
+        is never written again."""
+        audio = self._buf[begin - self._base : end - self._base]
         audio.flags.writeable = False
+        self._shared = True
         return audio
 
-    def _drop_unneeded(self) -> None:
-        """Forget audio no segment can reach any more: before the open segment, or before the
-        padding and start window of one that may open next."""
+    def _first_needed(self) -> int:
+        """The first sample still needed: the open segment's start, or while idle that of the
+        padding and start window of a segment that may open next (never before the floor)."""
         if self._state == _IDLE:
-            keep = max(self._floor, self._pos - self._window - self._pad)
-        else:
-            keep = self._seg_start
-        chunks = self._chunks
-        while chunks and chunks[0][0] + len(chunks[0][1]) <= keep:
-            chunks.popleft()
+            return max(self._floor, self._pos - self._window - self._pad)
+        return self._seg_start
+
+    def _move(self, room: int) -> None:
+        """Move the samples still needed to the front of the buffer, with `room` free after
+        them: in place if they fit and no view of the buffer was handed out, else to a fresh
+        buffer, twice as large as needed (up to the limit) so that moves stay rare."""
+        keep = self._first_needed()
+        live = self._buf[keep - self._base : self._seen - self._base]
+        need = len(live) + room
+        buf = self._buf
+        if self._shared or need > len(buf):
+            buf = np.empty(max(need, min(2 * need, self._limit)), np.float32)
+            self._shared = False
+        buf[: len(live)] = live  # numpy copies overlapping memory correctly
+        self._buf, self._base = buf, keep
+
+    def _drop_unneeded(self) -> None:
+        """Leave a buffer a view was taken of to the views once it holds audio no segment can
+        reach any more (a segment closed or was split), so memory stays bounded. A buffer
+        nobody else sees is moved in place only when it is full."""
+        if self._shared and self._base < self._first_needed():
+            self._move(0)

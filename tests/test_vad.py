@@ -255,6 +255,83 @@ def test_memory_stays_bounded_on_endless_speech():
     assert segmenter.buffered_samples <= PAD + 100 * 16 + 2 * SR
 
 
+def test_segment_audio_is_the_stream_bit_for_bit():
+    # Padded segments, a max-length split and a flush, fed in odd chunk sizes (one over the
+    # 1 s block): every snapshot and every closed segment holds exactly its stream samples.
+    cfg = SegmenterConfig(max_segment_ms=6000)
+    stream = np.concatenate(
+        [silence(1.0), continuous_speech(9.0), silence(1.5), clip("0880"), silence(1.0)]
+        + [clip("0890"), noise(2345, -60.0)]
+    )
+    stream = stream + noise(len(stream), -60.0, seed=4)
+    segmenter, events, snapshots, pos = Segmenter(cfg), [], 0, 0
+    rng = np.random.default_rng(11)
+    while pos < len(stream):
+        size = int(rng.choice([1, 13, 319, 321, 1601, 4799, 17000]))
+        events += segmenter.feed(stream[pos : pos + size])
+        pos += size
+        current = segmenter.open_segment()
+        if current is not None:
+            assert not current.audio.flags.writeable
+            expected = stream[current.start_sample : current.end_sample]
+            assert current.audio.tobytes() == expected.tobytes()
+            snapshots += 1
+    events += segmenter.flush()
+
+    closed = of(events, SegmentClosed)
+    assert snapshots > 30
+    assert [s.reason for s in closed] == ["max_length", "endpoint", "endpoint", "flush"]
+    onsets = {e.segment_id: e.sample for e in of(events, SpeechStarted)}
+    ends = {e.segment_id: e.sample for e in of(events, SpeechStopped)}
+    for seg in closed:
+        assert not seg.audio.flags.writeable
+        assert seg.audio.tobytes() == stream[seg.start_sample : seg.end_sample].tobytes()
+        if seg.segment_id in onsets:  # not the continuation of a split
+            assert seg.start_sample == onsets[seg.segment_id] - PAD
+        if seg.reason == "endpoint":
+            assert seg.end_sample == ends[seg.segment_id] + PAD
+    assert_consistent(events, stream)
+
+
+def test_audio_handed_out_is_never_overwritten():
+    # The scheduler may hold a partial's audio (or a final's) while the stream goes on: the
+    # memory under it must not be reused as the segment grows, is split or closes, nor for
+    # later segments. Memory stays bounded all the same.
+    cfg = SegmenterConfig(max_segment_ms=6000)
+    one_round = [silence(0.5), continuous_speech(14.0), silence(1.0), clip("0880"), silence(2.0)]
+    stream = np.concatenate(one_round * 2)
+    segmenter, held, closed, most = Segmenter(cfg), [], [], 0
+    for piece in np.array_split(stream, len(stream) // 1600):
+        for event in segmenter.feed(piece):
+            if isinstance(event, SegmentClosed):
+                closed.append(event)
+                held.append((event.audio, event.audio.tobytes()))
+        current = segmenter.open_segment()
+        if current is not None:
+            held.append((current.audio, current.audio.tobytes()))
+        most = max(most, segmenter.buffered_samples)
+    assert [s.reason for s in closed].count("max_length") >= 4 and len(closed) >= 8
+    for audio, data in held:
+        assert audio.tobytes() == data
+    assert most <= 6000 * 16 + 1601 + FRAME
+    assert segmenter.buffered_samples <= PAD + 100 * 16 + 2 * SR
+
+
+def test_samples_past_full_scale_are_clipped_for_webrtcvad():
+    # Resampled audio can overshoot [-1, 1] a little: webrtcvad must get it clipped to full
+    # scale, not wrapped around, so it decides as on the clipped stream. (Wrapped, the hum
+    # after the speech would open a segment instead of making a gap.)
+    tone = 1.1 * np.sin(2 * np.pi * 100 * np.arange(2 * SR) / SR)
+    stream = np.concatenate([silence(1.0), clip("0870") * 1.5, silence(1.0), tone, silence(1.0)])
+    stream = stream.astype(np.float32)
+    cfg = SegmenterConfig(aggressiveness=3)
+    events = run(Segmenter(cfg), stream)
+    assert len(of(events, SegmentClosed)) == len(of(events, Gap)) == 1
+    clipped = run(Segmenter(cfg), np.clip(stream, -1.0, 1.0))
+    assert [t[:5] for t in as_tuples(events)] == [t[:5] for t in as_tuples(clipped)]
+    assert_consistent(events, stream)
+
+
 def test_short_bursts_become_gaps_and_take_no_id():
     # Loud crackle and a noise burst: webrtcvad calls them speech, but they last under
     # min_segment_ms, so they are reported as gaps (padding included) and never start speech.
