@@ -56,7 +56,8 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import lru_cache
+from typing import NamedTuple, Protocol
 
 from engine.api import Word
 from streaming.events import CaptionAppend, CaptionCue
@@ -126,55 +127,105 @@ def _reading_ms(chars: int, cps: float) -> int:
     return math.ceil(chars * 1000 / cps)
 
 
-def _capitalised(text: str) -> bool:
-    return text[:1].isupper()
+class _Traits(NamedTuple):
+    """What the break rules need to know of one spelling."""
+
+    after: int | None  # cost of a break after it, or None when the next word decides
+    capitalised: bool
+    conjunction: bool  # a break before it is a CONJUNCTION one
+
+
+@lru_cache(maxsize=16384)
+def _traits(text: str) -> _Traits:
+    """Cached: a cue is laid out again for every word added to it, so its words come back often."""
+    key = word_key(text)
+    if text.endswith(SENTENCE_END) and key not in TITLES:
+        after: int | None = SENTENCE
+    elif text.endswith(CLAUSE_END):
+        after = CLAUSE
+    elif key in NO_BREAK_AFTER:
+        after = FORBIDDEN
+    else:
+        after = None
+    return _Traits(after, text[:1].isupper(), key in BREAK_BEFORE)
 
 
 def _ends_sentence(word: Word) -> bool:
-    return word.word.endswith(SENTENCE_END) and word_key(word.word) not in TITLES
+    return _traits(word.word).after == SENTENCE
 
 
 def _break_cost(before: Word, after: Word) -> int:
     """How bad a line or cue break between two words is (module doc)."""
-    text, key = before.word, word_key(before.word)
-    if _ends_sentence(before):
-        return SENTENCE
-    if text.endswith(CLAUSE_END):
-        return CLAUSE
-    if key in NO_BREAK_AFTER or (_capitalised(text) and _capitalised(after.word)):
+    first, second = _traits(before.word), _traits(after.word)
+    if first.after is not None:
+        return first.after
+    if first.capitalised and second.capitalised:
         return FORBIDDEN
-    if word_key(after.word) in BREAK_BEFORE:
-        return CONJUNCTION
-    return PLAIN
+    return CONJUNCTION if second.conjunction else PLAIN
 
 
 def _text(words: Sequence[Word]) -> str:
     return " ".join(w.word for w in words)
 
 
+def _width(words: Sequence[Word]) -> int:
+    """len(_text(words)), without building the text."""
+    return max(sum(len(w.word) for w in words) + len(words) - 1, 0)
+
+
+def _line_break(words: Sequence[Word], width: int) -> int | None:
+    """Where the best layout (`_layout`) breaks the words: 0 for one line, None for no layout.
+
+    Line lengths come from word lengths, so a call costs one pass over the words: pop-on lays
+    its open cue out again for every word it adds.
+    """
+    lengths = [len(w.word) for w in words]
+    total = sum(lengths) + len(lengths) - 1
+    if total <= width:
+        return 0
+    if total > 2 * width + 1:
+        return None  # two lines and the space between them cannot hold it
+    best: tuple[int, int] | None = None
+    top = -1  # len(_text(words[:i]))
+    for i in range(1, len(words)):
+        top += lengths[i - 1] + 1
+        if top > width:
+            break
+        bottom = total - top - 1
+        if bottom > width:
+            continue
+        cost = _break_cost(words[i - 1], words[i])
+        if cost >= FORBIDDEN:
+            continue
+        cost += abs(top - bottom)
+        if best is None or cost < best[0]:
+            best = (cost, i)
+    return None if best is None else best[1]
+
+
 def _layout(words: Sequence[Word], width: int) -> list[str] | None:
     """The best one or two lines of at most `width` characters with no forbidden break, or None
     if there are none."""
-    one = _text(words)
-    if len(one) <= width:
-        return [one]
-    best: tuple[int, list[str]] | None = None
-    for i in range(1, len(words)):
-        top, bottom = _text(words[:i]), _text(words[i:])
-        cost = _break_cost(words[i - 1], words[i])
-        if len(top) > width or len(bottom) > width or cost >= FORBIDDEN:
-            continue
-        cost += abs(len(top) - len(bottom))
-        if best is None or cost < best[0]:
-            best = (cost, [top, bottom])
-    return None if best is None else best[1]
+    cut = _line_break(words, width)
+    if cut is None:
+        return None
+    return [_text(words[:cut]), _text(words[cut:])] if cut else [_text(words)]
+
+
+@lru_cache(maxsize=16384)
+def _printable(text: str) -> str:
+    """Cached: the same spellings come back in every stream."""
+    return " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
 
 
 def _pieces(words: Iterable[Word], width: int) -> Iterator[Word]:
     """Words with control characters removed, whitespace normalised, empty ones dropped, and any
     longer than `width` cut into pieces that fit (the word's time shared among them by length)."""
     for w in words:
-        text = " ".join("".join(c for c in w.word if c.isprintable() or c.isspace()).split())
+        text = _printable(w.word)
+        if text == w.word and 0 < len(text) <= width and w.end_ms >= w.start_ms:
+            yield w  # the common case: the piece would equal the word
+            continue
         span = max(w.end_ms - w.start_ms, 0)
         for i in range(0, len(text), width):
             end = min(i + width, len(text))
@@ -256,7 +307,7 @@ class PopOn:
             candidate = [*self.words, word]
             if len(candidate) == 1 or self._fits(candidate):
                 self.words = candidate
-                if _ends_sentence(word) and len(_text(candidate)) >= self.cfg.preset // 2:
+                if _ends_sentence(word) and _width(candidate) >= self.cfg.preset // 2:
                     out += self.end_segment(channel)  # a sentence is a cue: send it now
                 continue
             cut = self._best_cut(candidate)
@@ -272,17 +323,18 @@ class PopOn:
 
     def _fits(self, words: Sequence[Word]) -> bool:
         spoken = words[-1].end_ms - words[0].start_ms
-        return spoken <= self.cfg.max_cue_ms and _layout(words, self.cfg.preset) is not None
+        return spoken <= self.cfg.max_cue_ms and _line_break(words, self.cfg.preset) is not None
 
     def _best_cut(self, words: Sequence[Word]) -> int:
         """How many words close the cue: the cheapest break whose remainder fits a cue (the
         last word alone always may start the next cue: a piece fits on one line)."""
         best: tuple[float, int] | None = None
+        carried = -1  # len(_text(words[cut:]))
         for cut in range(len(words) - 1, 0, -1):
-            rest = words[cut:]
-            if best is not None and not self._fits(rest):
+            carried += len(words[cut].word) + 1
+            if best is not None and not self._fits(words[cut:]):
                 break
-            cost = _break_cost(words[cut - 1], words[cut]) + CARRY_COST * len(_text(rest))
+            cost = _break_cost(words[cut - 1], words[cut]) + CARRY_COST * carried
             if best is None or cost < best[0]:
                 best = (cost, cut)
         assert best is not None
@@ -325,11 +377,18 @@ def _covered(shown: Sequence[Word], final: Sequence[Word]) -> int:
     if not shown or not final:
         return 0
     old, new = [word_key(w.word) for w in shown], [word_key(w.word) for w in final]
-    row = list(range(len(new) + 1))  # edits to align no released word with final[:j]
-    for i, key in enumerate(old, 1):
-        above, row = row, [i] + [0] * len(new)
-        for j, other in enumerate(new, 1):
+    # row[j]: edits to align the released words with final[:j]. The final mostly repeats them,
+    # and with the first p words in common, those edits are the edits between the rests for
+    # j >= p; for j < p, final[:j] is a prefix of them: len(old) - j edits.
+    p = 0
+    while p < len(old) and p < len(new) and old[p] == new[p]:
+        p += 1
+    row = list(range(len(new) - p + 1))
+    for i, key in enumerate(old[p:], 1):
+        above, row = row, [i] + [0] * (len(new) - p)
+        for j, other in enumerate(new[p:], 1):
             row[j] = min(above[j - 1] + (key != other), above[j] + 1, row[j - 1] + 1)
+    row = [len(old) - j for j in range(p)] + row
     last = shown[-1].end_ms
     ends = [final[0].start_ms] + [w.end_ms for w in final]
     anchored = [False] + [key == old[-1] for key in new]  # ends on the last released word

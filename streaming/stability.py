@@ -25,19 +25,29 @@ Rules (`StabilityTracker.update`):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from engine.api import Word
 
+# Not a letter or digit: `\w` is exactly `str.isalnum` plus "_" (tests check every code point).
+_NOT_ALNUM = re.compile(r"[\W_]+")
 
+
+@lru_cache(maxsize=16384)
 def word_key(text: str) -> str:
-    """The form in which two spellings count as the same word: case-folded letters and digits."""
-    return "".join(ch for ch in text.casefold() if ch.isalnum())
+    """The form in which two spellings count as the same word: case-folded letters and digits.
+
+    Cached: every partial repeats the words of the one before, in every stream.
+    """
+    folded = text.casefold()
+    return folded if folded.isalnum() else _NOT_ALNUM.sub("", folded)
 
 
 def _join(words: Sequence[Word]) -> str:
-    return " ".join(w.word for w in words)
+    return " ".join([w.word for w in words])
 
 
 def _kept(old: Sequence[str], new: Sequence[str]) -> list[bool]:
@@ -46,24 +56,42 @@ def _kept(old: Sequence[str], new: Sequence[str]) -> list[bool]:
     Words that `new` appends after the last aligned one cost nothing: growth at the tail is not a
     change. A word of `old` that is substituted or deleted is not kept.
     """
-    n, m = len(old), len(new)
+    # Successive texts mostly share their first words, so the table is built only for what
+    # follows the first p common words: the edits between two texts with a common start are the
+    # edits between the rest, so it is the full table less its first p rows and columns, with
+    # the same cheapest end and the same walk back. In those first rows and columns one side is
+    # a prefix of the other, so the cost there is |i - j|.
+    p = 0
+    while p < len(old) and p < len(new) and old[p] == new[p]:
+        p += 1
+    rest_old, rest_new = old[p:], new[p:]
+    n, m = len(rest_old), len(rest_new)
     cost = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
     for i in range(1, n + 1):
+        above, row, key = cost[i - 1], cost[i], rest_old[i - 1]
         for j in range(1, m + 1):
-            cost[i][j] = min(
-                cost[i - 1][j - 1] + (old[i - 1] != new[j - 1]),
-                cost[i - 1][j] + 1,
-                cost[i][j - 1] + 1,
-            )
-    i, j = n, min(range(m + 1), key=lambda col: cost[n][col])
-    kept = [False] * n
+            row[j] = min(above[j - 1] + (key != rest_new[j - 1]), above[j] + 1, row[j - 1] + 1)
+    i, j = n, min(range(m + 1), key=cost[n].__getitem__)
+    kept = [False] * (p + n)
     while i > 0 and j > 0:
-        if old[i - 1] == new[j - 1] and cost[i][j] == cost[i - 1][j - 1]:
-            kept[i - 1] = True
+        if rest_old[i - 1] == rest_new[j - 1] and cost[i][j] == cost[i - 1][j - 1]:
+            kept[p + i - 1] = True
             i, j = i - 1, j - 1
         elif cost[i][j] == cost[i - 1][j - 1] + 1:
             i, j = i - 1, j - 1
         elif cost[i][j] == cost[i - 1][j] + 1:
+            i -= 1
+        else:
+            j -= 1
+    # The walk goes on through the first p rows and columns: with a cost of |i - j| there, the
+    # rules above take a match for equal words, else a deletion below the diagonal and an
+    # insertion above it.
+    i, j = i + p, j + p
+    while i > 0 and j > 0:
+        if old[i - 1] == new[j - 1]:
+            kept[i - 1] = True
+            i, j = i - 1, j - 1
+        elif i > j:
             i -= 1
         else:
             j -= 1
@@ -150,11 +178,11 @@ class StabilityTracker:
             raise ValueError(f"audio_ms must be >= 0, got {audio_ms}")
         tail = self._uncovered(words)
         keys = [word_key(w.word) for w in tail]
-        runs: list[int] = []
-        for i, key in enumerate(keys):
-            same = i < len(self._tail_keys) and self._tail_keys[i] == key
-            same = same and (i == 0 or runs[i - 1] > 1)
-            runs.append(self._tail_runs[i] + 1 if same else 1)
+        # A word agrees with the previous partial when the tails are identical up to it.
+        same, previous = 0, self._tail_keys
+        while same < len(keys) and same < len(previous) and keys[same] == previous[same]:
+            same += 1
+        runs = [run + 1 for run in self._tail_runs[:same]] + [1] * (len(keys) - same)
         settled_before = audio_ms - self._cfg.settle_ms
         commit = 0
         while commit < len(tail) and (

@@ -8,11 +8,23 @@ import pytest
 
 from engine.api import Word
 from streaming.captions import (
+    BREAK_BEFORE,
+    CLAUSE,
+    CLAUSE_END,
+    CONJUNCTION,
+    FORBIDDEN,
     NO_BREAK_AFTER,
+    PLAIN,
     ROLLUP_ROW_CHARS,
+    SENTENCE,
+    SENTENCE_END,
+    TITLES,
     CaptionConfig,
     Captions,
     CaptionStore,
+    _covered,
+    _layout,
+    _pieces,
     cues_from_words,
     timestamp,
     to_srt,
@@ -366,6 +378,103 @@ def test_captions_off_do_nothing():
 def test_config_is_checked(kw, field):
     with pytest.raises(ValueError, match=field):
         CaptionConfig(**kw)
+
+
+# --- the fast paths give what the rules as first written give ------------------------------
+
+
+def break_cost_by_definition(before: Word, after: Word) -> int:
+    text, key = before.word, word_key(before.word)
+    if text.endswith(SENTENCE_END) and key not in TITLES:
+        return SENTENCE
+    if text.endswith(CLAUSE_END):
+        return CLAUSE
+    if key in NO_BREAK_AFTER or (text[:1].isupper() and after.word[:1].isupper()):
+        return FORBIDDEN
+    return CONJUNCTION if word_key(after.word) in BREAK_BEFORE else PLAIN
+
+
+def layout_by_definition(words: list[Word], width: int) -> list[str] | None:
+    """`_layout` as first written: both halves joined and measured at every break."""
+    one = " ".join(w.word for w in words)
+    if len(one) <= width:
+        return [one]
+    best: tuple[int, list[str]] | None = None
+    for i in range(1, len(words)):
+        top, bottom = " ".join(w.word for w in words[:i]), " ".join(w.word for w in words[i:])
+        cost = break_cost_by_definition(words[i - 1], words[i])
+        if len(top) > width or len(bottom) > width or cost >= FORBIDDEN:
+            continue
+        cost += abs(len(top) - len(bottom))
+        if best is None or cost < best[0]:
+            best = (cost, [top, bottom])
+    return None if best is None else best[1]
+
+
+VOCABULARY = (
+    "the a The Mr. Dr. St. mr and But which If John Dashwood house, said. went to of very quiet; "
+    "London Paris? yes! no… ok: well— Hello, WORLD Straße x I it's extraordinarily Élan 42"
+).split()
+
+
+@pytest.mark.parametrize("width", [32, 37, 42])
+def test_layout_is_the_layout_by_definition(width):
+    rng = random.Random(width)
+    for _ in range(3000):
+        words = timed(" ".join(rng.choices(VOCABULARY, k=rng.randint(1, 18))))
+        assert _layout(words, width) == layout_by_definition(words, width), words
+
+
+def pieces_by_definition(words: list[Word], width: int) -> list[Word]:
+    out = []
+    for w in words:
+        text = " ".join("".join(c for c in w.word if c.isprintable() or c.isspace()).split())
+        span = max(w.end_ms - w.start_ms, 0)
+        for i in range(0, len(text), width):
+            end = min(i + width, len(text))
+            start_ms = w.start_ms + span * i // len(text)
+            out.append(Word(text[i:end], start_ms, w.start_ms + span * end // len(text), 0.9))
+    return out
+
+
+def test_pieces_are_the_pieces_by_definition():
+    rng = random.Random(0)
+    spellings = [*VOCABULARY, "", " ", "a\tb", "bell\x07", "\n", " two  words ", "x" * 80]
+    for _ in range(300):
+        words = [
+            Word(rng.choice(spellings), start, start + rng.randint(-100, 900), 0.9)
+            for start in range(0, 3000, 300)
+        ]
+        assert list(_pieces(words, 29)) == pieces_by_definition(words, 29)
+
+
+def covered_by_full_table(shown: list[Word], final: list[Word]) -> int:
+    """`_covered` as first written: every row of the table."""
+    if not shown or not final:
+        return 0
+    old, new = [word_key(w.word) for w in shown], [word_key(w.word) for w in final]
+    row = list(range(len(new) + 1))
+    for i, key in enumerate(old, 1):
+        above, row = row, [i] + [0] * len(new)
+        for j, other in enumerate(new, 1):
+            row[j] = min(above[j - 1] + (key != other), above[j] + 1, row[j - 1] + 1)
+    last = shown[-1].end_ms
+    ends = [final[0].start_ms] + [w.end_ms for w in final]
+    anchored = [False] + [key == old[-1] for key in new]
+    return min(
+        range(len(new) + 1),
+        key=lambda j: (row[j] - anchored[j], not anchored[j], abs(ends[j] - last)),
+    )
+
+
+def test_covered_skips_the_common_start_with_the_same_result():
+    rng = random.Random(0)
+    for _ in range(5000):
+        spoken = rng.choices(["a", "A,", "b", "b.", "c"], k=rng.randint(0, 6))
+        shown = timed(" ".join(spoken + rng.choices("abc", k=rng.randint(0, 5))))
+        said = " ".join(spoken + rng.choices("abc", k=rng.randint(0, 5)))
+        final = timed(said, start_ms=rng.randint(0, 900))
+        assert _covered(shown, final) == covered_by_full_table(shown, final), (shown, final)
 
 
 # --- writers and the store -------------------------------------------------------------------

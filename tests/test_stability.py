@@ -7,6 +7,7 @@ from streaming.stability import (
     StabilityConfig,
     StabilityStats,
     StabilityTracker,
+    _kept,
     changed_words,
     word_key,
 )
@@ -42,6 +43,69 @@ def test_word_key_ignores_case_and_punctuation():
     assert word_key("Hello,") == word_key("hello") == "hello"
     assert word_key("Don't") == "dont"
     assert word_key("Hello") != word_key("Help")
+
+
+def word_key_by_definition(text: str) -> str:
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
+TRICKY = [
+    "",
+    " ",
+    "\x00\t\n",
+    *(
+        "Straße STRASSE ß ẞ naïve e\u0301 İstanbul ǅungla ﬁne ΣΑΣ Привет, 日本語。 ٣٤ ²³ Ⅻ 3.14 "
+        "don't snake_case __ — ... 👍 a\u200db \ud800 ﾊﾝｶｸ Ω Kelvin\u212a"
+    ).split(),
+]
+
+
+def test_word_key_equals_its_definition_on_any_text():
+    rng = random.Random(0)
+    every_code_point = "".join(map(chr, range(0x110000)))
+    pool = "".join(TRICKY) + "aZ09_-' "
+    mixed = ["".join(rng.choices(pool, k=rng.randint(0, 8))) for _ in range(500)]
+    for text in [*TRICKY, every_code_point, *mixed]:
+        assert word_key(text) == word_key_by_definition(text), ascii(text)
+        assert word_key(text) == word_key_by_definition(text)  # from the cache, the same
+
+
+def kept_by_full_table(old: list[str], new: list[str]) -> list[bool]:
+    """`_kept` as first written: the whole table, then the walk back from the cheapest end."""
+    n, m = len(old), len(new)
+    cost = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            cost[i][j] = min(
+                cost[i - 1][j - 1] + (old[i - 1] != new[j - 1]),
+                cost[i - 1][j] + 1,
+                cost[i][j - 1] + 1,
+            )
+    i, j = n, min(range(m + 1), key=lambda col: cost[n][col])
+    kept = [False] * n
+    while i > 0 and j > 0:
+        if old[i - 1] == new[j - 1] and cost[i][j] == cost[i - 1][j - 1]:
+            kept[i - 1] = True
+            i, j = i - 1, j - 1
+        elif cost[i][j] == cost[i - 1][j - 1] + 1:
+            i, j = i - 1, j - 1
+        elif cost[i][j] == cost[i - 1][j] + 1:
+            i -= 1
+        else:
+            j -= 1
+    return kept
+
+
+def test_kept_skips_the_common_start_with_the_same_result():
+    # Few distinct words, so that repeats make many alignments equally cheap: which words are
+    # kept then depends on the walk, which must not change.
+    rng = random.Random(1)
+    for _ in range(20000):
+        letters = "ab" if rng.random() < 0.5 else "abcd"
+        start = rng.choices(letters, k=rng.randint(0, 6))
+        old = start + rng.choices(letters, k=rng.randint(0, 6))
+        new = start + rng.choices(letters, k=rng.randint(0, 6))
+        assert _kept(old, new) == kept_by_full_table(old, new), (old, new)
 
 
 def test_scripted_sequence_of_partials():
