@@ -245,7 +245,8 @@ class Session:
         if covered - channel.partial_audio_ms.get(segment_id, 0) < self.options.partial_interval_ms:
             return []
         # A segment opens with speech, or continues speech after a split at the maximum length.
-        channel.trackers.setdefault(segment_id, StabilityTracker(self.stability))
+        if segment_id not in channel.trackers:
+            channel.trackers[segment_id] = StabilityTracker(self.stability)
         rev = channel.partial_rev.get(segment_id, 0) + 1
         channel.partial_rev[segment_id] = rev
         channel.partial_audio_ms[segment_id] = covered
