@@ -82,6 +82,7 @@ class Scheduler:
         self._partials: dict[Hashable, Request] = {}  # newest partial per segment, oldest first
         self._cond = threading.Condition()
         self._stopping = False
+        self._idle = False  # the worker waits for work (not for a batch to fill)
         self._thread: threading.Thread | None = None
 
     # --- submitting -----------------------------------------------------------------------
@@ -103,7 +104,11 @@ class Scheduler:
                     if len(self._partials) > self.config.max_partials:
                         oldest = next(iter(self._partials))
                         dropped.append((self._partials.pop(oldest), "queue_full"))
-                self._cond.notify()
+                # Wake the worker when it has nothing to do or a batch is full; while it waits
+                # for a batch to fill, waking it per request would only cost thread switches.
+                queued = len(self._finals) + len(self._partials)
+                if self._idle or queued >= self.config.max_batch:
+                    self._cond.notify()
         for req, reason in dropped:
             self._drop(req, reason)
 
@@ -164,7 +169,9 @@ class Scheduler:
         stale: list[Request] = []
         with self._cond:
             while block and not (self._finals or self._partials or self._stopping):
+                self._idle = True
                 self._cond.wait()
+            self._idle = False
             if block and not self._stopping:
                 self._wait_for_more()
             stale = self._shed_stale()

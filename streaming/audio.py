@@ -324,7 +324,12 @@ class AudioDecoder:
 
     def __init__(self, fmt: AudioFormat) -> None:
         self.format = fmt
-        self._resampler = StreamResampler(fmt.sample_rate, channels=fmt.channels)
+        # None at 16 kHz: the decoded array is already ours, so not even the pass-through copy.
+        self._resampler = (
+            None
+            if fmt.sample_rate == TARGET_SAMPLE_RATE
+            else StreamResampler(fmt.sample_rate, channels=fmt.channels)
+        )
         self._pending = b""
         self.samples_in = 0
         self.samples_out = 0
@@ -343,11 +348,15 @@ class AudioDecoder:
         if self._pending:
             view = memoryview(self._pending + view)
         whole = view.nbytes - view.nbytes % self.format.frame_bytes
-        self._pending = bytes(view[whole:])
+        if whole < view.nbytes:
+            self._pending = bytes(view[whole:])
+            view = view[:whole]
+        else:
+            self._pending = b""
         # Deinterleave as a view: channel c is every channels-th sample from the c-th.
-        channels = self._decode(view[:whole]).reshape(-1, self.format.channels).T
+        channels = self._decode(view).reshape(-1, self.format.channels).T
         self.samples_in += channels.shape[1]
-        out = self._resampler.feed(channels)
+        out = channels if self._resampler is None else self._resampler.feed(channels)
         self.samples_out += out.shape[1]
         return out
 
@@ -355,6 +364,8 @@ class AudioDecoder:
         """End the stream: drop stray bytes, return the resampler's tail."""
         self.dropped_bytes += len(self._pending)
         self._pending = b""
+        if self._resampler is None:
+            return np.zeros((self.format.channels, 0), np.float32)
         out = self._resampler.flush().reshape(self.format.channels, -1)
         self.samples_out += out.shape[1]
         return out
