@@ -342,23 +342,42 @@ class AudioDecoder:
         """Bytes of an incomplete sample frame held until the next feed."""
         return len(self._pending)
 
+    @property
+    def pcm16_direct(self) -> bool:
+        """16-bit PCM at 16 kHz needs no decoding: `feed_pcm16` hands the samples over as they
+        are (the VAD reads them so, and stores them as float32 itself)."""
+        return self.format.encoding == "pcm_s16le" and self._resampler is None
+
     def feed(self, data: bytes) -> np.ndarray:
         """Decode one frame's bytes (a sample may be split across frames)."""
+        # Deinterleave as a view: channel c is every channels-th sample from the c-th.
+        channels = self._decode(self._whole_frames(data)).reshape(-1, self.format.channels).T
+        self.samples_in += channels.shape[1]
+        out = channels if self._resampler is None else self._resampler.feed(channels)
+        self.samples_out += out.shape[1]
+        return out
+
+    def feed_pcm16(self, data: bytes) -> np.ndarray:
+        """[channels, n] int16 samples of one frame's bytes, undecoded (see `pcm16_direct`)."""
+        if not self.pcm16_direct:
+            raise ValueError(f"feed_pcm16 needs pcm_s16le at 16 kHz, not {self.format}")
+        samples = np.frombuffer(self._whole_frames(data), dtype="<i2")
+        channels = samples.reshape(-1, self.format.channels).T
+        self.samples_in += channels.shape[1]
+        self.samples_out += channels.shape[1]
+        return channels
+
+    def _whole_frames(self, data: bytes) -> memoryview:
+        """The bytes of the whole sample frames received so far; the rest waits for more."""
         view = memoryview(data).cast("B")
         if self._pending:
             view = memoryview(self._pending + view)
         whole = view.nbytes - view.nbytes % self.format.frame_bytes
         if whole < view.nbytes:
             self._pending = bytes(view[whole:])
-            view = view[:whole]
-        else:
-            self._pending = b""
-        # Deinterleave as a view: channel c is every channels-th sample from the c-th.
-        channels = self._decode(view).reshape(-1, self.format.channels).T
-        self.samples_in += channels.shape[1]
-        out = channels if self._resampler is None else self._resampler.feed(channels)
-        self.samples_out += out.shape[1]
-        return out
+            return view[:whole]
+        self._pending = b""
+        return view
 
     def flush(self) -> np.ndarray:
         """End the stream: drop stray bytes, return the resampler's tail."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from engine.api import Segment
 from engine.scheduler import Outcome, Request, Scheduler
@@ -57,6 +58,32 @@ WATCHDOG_S = 0.25  # how often a connection checks its idle, duration, drain and
 YIELD_EVERY = 4  # frames read in a row before the reader lets other tasks run
 
 
+class StreamConnection(ServerConnection):
+    """websockets' server connection with a fast path for audio frames.
+
+    While `take_frame` is set, each single-frame binary message is offered to it as soon as it
+    is parsed, inside the protocol's data callback, provided nothing is queued ahead of it for
+    `recv()`. At hundreds of streams, the queue and the task wake-up that `recv()` costs per
+    frame are the largest part of the gateway's work left. `take_frame` returns False to leave
+    the frame to `recv()`.
+    """
+
+    take_frame: Callable[[bytes], bool] | None = None
+
+    def process_event(self, event) -> None:
+        take = self.take_frame
+        if (
+            take is not None
+            and isinstance(event, Frame)
+            and event.opcode is Opcode.BINARY
+            and event.fin
+            and not len(self.recv_messages.frames)
+            and take(bytes(event.data))
+        ):
+            return
+        super().process_event(event)
+
+
 class Connection:
     def __init__(
         self,
@@ -92,6 +119,8 @@ class Connection:
         self.reader: asyncio.Task | None = None  # set while it waits for the next frame
         self.interrupted: str | None = None  # why the watchdog stopped that wait
         self.last_status = 0.0
+        self.unsent: list[Output] = []  # events of frames taken on the fast path, to send
+        self.fast_burst = 0  # frames taken on the fast path since the loop last turned
         self.counted_audio_ms = 0  # audio already added to the audio-seconds counter
         self.first_partial_sent: set[tuple[int, int]] = set()
 
@@ -124,14 +153,21 @@ class Connection:
         self.session.hotwords = opening.hotwords
         results = asyncio.create_task(self._deliver_results())
         watchdog = self.loop.call_later(WATCHDOG_S, self._watch)
+        fast = isinstance(self.ws, StreamConnection) and self.dialect.binary_audio
         try:
             await self._emit(self.session.start())
+            if fast:
+                self.ws.take_frame = self._take_frame
             await self._read()
+            if fast:
+                self.ws.take_frame = None
             self._count_audio()
             if self.session.state != "open":
                 await self._until_closed_sent()
                 await self.ws.close(CLOSE_NORMAL if self.drain_at is None else CLOSE_GOING_AWAY)
         finally:
+            if fast:
+                self.ws.take_frame = None
             results.cancel()
             watchdog.cancel()
 
@@ -147,11 +183,11 @@ class Connection:
     # --- reading ----------------------------------------------------------------------------
 
     async def _read(self) -> None:
-        server = self.config.server
         session = self.session
+        task = asyncio.current_task()
         unyielded = 0
         while session.state == "open":
-            self.reader = asyncio.current_task()
+            self.reader = task
             try:
                 message = await self.ws.recv()
             except ConnectionClosed:
@@ -163,11 +199,18 @@ class Connection:
             except asyncio.CancelledError:
                 if self.interrupted is None:
                     raise
-                _uncancel(self.reader)
-                await self._interrupted(self.interrupted)
-                return
+                _uncancel(task)
+                if self.interrupted != "fast_path":
+                    await self._interrupted(self.interrupted)
+                    return
+                self.interrupted = None  # the fast path has events to send, or must wait
+                message = None
             finally:
                 self.reader = None
+            if message is None:
+                await self._emit(self._take_unsent())
+                await self._hold_back(session)
+                continue
             self.last_message = self.loop.time()
             commands = (
                 self.dialect.on_binary(message)
@@ -178,15 +221,58 @@ class Connection:
                 if not await self._apply(command):
                     return
                 session = self.session
-            while session.pending_finals >= server.max_pending_finals:
-                self.progress.clear()  # backpressure: stop reading until finals come back
-                await self.progress.wait()
+            await self._hold_back(session)
             unyielded += 1
             if unyielded == YIELD_EVERY:
                 # recv() returns without waiting when frames are buffered (a client sending
                 # faster than real time): let results and other streams in now and then.
                 unyielded = 0
                 await asyncio.sleep(0)
+
+    def _take_frame(self, data: bytes) -> bool:
+        """The fast path (StreamConnection): feed an audio frame to the session as it arrives,
+        while the reader waits for the next frame and nothing must go first. Engine requests
+        go to the scheduler at once; events to send (rare: speech start and stop, status), and
+        backpressure, wake the reader, which sends them in order before reading on."""
+        session = self.session
+        if (
+            not data  # an empty frame may be a command (Deepgram's CloseStream)
+            or self.fast_burst >= YIELD_EVERY  # a burst: the rest via recv(), which yields
+            or self.reader is None
+            or self.interrupted is not None
+            or session.state != "open"
+            or session.pending_finals >= self.config.server.max_pending_finals
+        ):
+            return False
+        if not self.fast_burst:
+            self.loop.call_soon(self._end_burst)
+        self.fast_burst += 1
+        try:
+            self.last_message = self.loop.time()
+            for command in self.dialect.on_binary(data):
+                self.unsent += self._feed_audio(command.data)
+        except Exception:  # as a failing reader would: log it, free the connection
+            log.exception("connection failed", extra={"session": self.id})
+            self.ws.transport.abort()
+            return True
+        full = session.pending_finals >= self.config.server.max_pending_finals
+        if self.unsent or full:
+            self.interrupted = "fast_path"
+            self.reader.cancel()  # websockets: a cancelled recv() loses no data
+        return True
+
+    def _end_burst(self) -> None:
+        self.fast_burst = 0
+
+    def _take_unsent(self) -> list[Output]:
+        unsent, self.unsent = self.unsent, []
+        return unsent
+
+    async def _hold_back(self, session: Session) -> None:
+        """Backpressure: stop reading while the stream's finals pile up at the engine."""
+        while session.pending_finals >= self.config.server.max_pending_finals:
+            self.progress.clear()
+            await self.progress.wait()
 
     def _watch(self) -> None:
         """Every WATCHDOG_S: cut a client that stopped reading, and stop waiting for frames on
@@ -225,14 +311,9 @@ class Connection:
         """Carry out one command; False when the connection must stop reading."""
         session = self.session
         if isinstance(command, Audio):
-            self.audio_seen = True
-            outputs = session.feed_audio(command.data)
-            if outputs:
-                await self._emit(outputs)
-            now = self.loop.time()
-            if now - self.last_status >= STATUS_EVERY_S:
-                self.last_status = now
-                await self._status()
+            events = self._feed_audio(command.data)
+            if events:
+                await self._emit(events)
         elif isinstance(command, Configure):
             if self.audio_seen:
                 await self._fail(
@@ -371,7 +452,8 @@ class Connection:
                 compute_ms=outcome.compute_ms,
             )
             try:
-                await self._emit(outputs)
+                # events of frames taken on the fast path came first: they go first
+                await self._emit(self._take_unsent() + outputs)
             except ConnectionClosed:
                 return
             finally:
@@ -388,12 +470,25 @@ class Connection:
         sent.cancel()
         gone.cancel()
 
-    async def _status(self) -> None:
-        """Once a second at most: count the audio received, tell the client of a backlog."""
-        self._count_audio()
-        lag_ms, queued_ms = self.scheduler.backlog()
-        if lag_ms >= self.config.server.status_lag_ms:
-            await self._emit(self.session.status(lag_ms, queued_ms))
+    def _feed_audio(self, data: bytes) -> list[Output]:
+        """Audio into the session. Its engine requests go to the scheduler now; returned are
+        the events to send, with a `status` when the engine is behind (checked once a second,
+        when the audio counter also moves)."""
+        self.audio_seen = True
+        events = []
+        for item in self.session.feed_audio(data):
+            if isinstance(item, EngineRequest):
+                self._submit(item)
+            else:
+                events.append(item)
+        now = self.loop.time()
+        if now - self.last_status >= STATUS_EVERY_S:
+            self.last_status = now
+            self._count_audio()
+            lag_ms, queued_ms = self.scheduler.backlog()
+            if lag_ms >= self.config.server.status_lag_ms:
+                events += self.session.status(lag_ms, queued_ms)
+        return events
 
     def _drop_slow_client(self) -> None:
         """Nothing more can be sent, not even a close frame: cut the TCP connection so that

@@ -35,7 +35,7 @@ from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
 from streaming.eventloop import loop_name
-from streaming.gateway import Connection
+from streaming.gateway import Connection, StreamConnection
 from streaming.metrics import Metrics
 from streaming.openai_rest import RestServer
 
@@ -101,6 +101,7 @@ class Gateway:
             process_request=self.process_request,
             select_subprotocol=_select_subprotocol,
             max_size=server.max_frame_bytes,
+            create_connection=StreamConnection,
             ping_interval=20,
             ping_timeout=20,
         )

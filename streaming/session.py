@@ -116,6 +116,8 @@ class Session:
     def feed_audio(self, data: bytes) -> list[Output]:
         if self.state != "open":
             return [ErrorEvent("session_closing", "audio after close is ignored")]
+        if self.decoder.pcm16_direct:
+            return self._consume(self.decoder.feed_pcm16(data), from_finalize=False)
         return self._consume(self.decoder.feed(data), from_finalize=False)
 
     def finalize(self) -> list[Output]:
@@ -192,8 +194,11 @@ class Session:
         if audio.shape[-1] == 0:
             return out
         self.samples += audio.shape[-1]
+        pcm16 = audio.dtype == np.int16  # undecoded 16-bit PCM (AudioDecoder.pcm16_direct)
         for channel in self.channels:
-            for event in channel.segmenter.feed(audio[channel.index]):
+            segmenter = channel.segmenter
+            feed = segmenter.feed_pcm16 if pcm16 else segmenter.feed
+            for event in feed(audio[channel.index]):
                 out += self._on_vad_event(channel, event, from_finalize)
             out += self._maybe_partial(channel)
         return out

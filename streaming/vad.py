@@ -54,6 +54,7 @@ _BLOCK_SAMPLES = SAMPLE_RATE
 _PCM_LOW = np.full(_BLOCK_SAMPLES + 30 * _SAMPLES_PER_MS, -32767.0, np.float32)
 _PCM_HIGH = -_PCM_LOW
 _PCM_LOW.flags.writeable = _PCM_HIGH.flags.writeable = False
+_PCM16_SCALE = np.float32(1 / 32768)  # 16-bit PCM to float, as the session's decoder does
 
 CloseReason = Literal["endpoint", "max_length", "flush"]
 GapReason = Literal["too_short"]
@@ -245,6 +246,7 @@ class Segmenter:
         self._buf = np.empty(0, np.float32)  # stream samples [base, seen), then free room
         self._base = 0
         self._shared = False  # a view of _buf has been handed out
+        self._pcm_rest: bytes | None = None  # fed 16-bit PCM: its samples [pos, seen), as sent
         self._floor = 0  # nothing before this may join a new segment or gap
         self._next_id = 0
 
@@ -270,10 +272,27 @@ class Segmenter:
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Take the next samples of the stream (float, mono, 16 kHz, any length)."""
         samples = np.asarray(samples)
-        if samples.ndim != 1:
-            raise ValueError(f"samples must be one-dimensional (mono), got shape {samples.shape}")
         if samples.dtype.kind != "f":
             raise TypeError(f"samples must be floating point in [-1, 1], got {samples.dtype}")
+        return self._feed(samples, pcm16=False)
+
+    def feed_pcm16(self, samples: np.ndarray) -> list[Event]:
+        """Like `feed`, for 16-bit PCM as a client sends it (mono, 16 kHz): webrtcvad reads
+        these very samples, with no round trip through float, and segments hold them as
+        float32 / 32768, exactly what `feed` keeps of decoded 16-bit audio. A stream is fed
+        one way or the other throughout."""
+        samples = np.asarray(samples)
+        if samples.dtype != np.int16:
+            raise TypeError(f"samples must be int16, got {samples.dtype}")
+        return self._feed(samples, pcm16=True)
+
+    def _feed(self, samples: np.ndarray, pcm16: bool) -> list[Event]:
+        if samples.ndim != 1:
+            raise ValueError(f"samples must be one-dimensional (mono), got shape {samples.shape}")
+        if pcm16 and not self._seen:
+            self._pcm_rest = b""
+        if (self._pcm_rest is not None) != pcm16:
+            raise ValueError("a stream is fed floats or 16-bit PCM throughout, not both")
         events: list[Event] = []
         if len(samples) <= _BLOCK_SAMPLES:  # as a stream sends it: no slicing
             self._feed_block(samples, events)
@@ -291,6 +310,8 @@ class Segmenter:
         if self._state == _IDLE:
             return []
         self._pos = self._seen  # the partial frame belongs to what is being closed
+        if self._pcm_rest:
+            self._pcm_rest = b""
         events: list[Event] = []
         self._close(self._seen, "flush", events)
         self._drop_unneeded()
@@ -315,21 +336,29 @@ class Segmenter:
             self._move(len(samples))
             held = self._seen - self._base
         # Our own copy, so kept audio does not alias the caller's buffer; float32 from here on.
-        self._buf[held : held + len(samples)] = samples
+        kept = self._buf[held : held + len(samples)]
+        if self._pcm_rest is None:
+            kept[:] = samples
+        else:
+            np.multiply(samples, _PCM16_SCALE, out=kept)
         self._seen += len(samples)
         frame = self._frame
         start = self._pos
         count = (self._seen - start) // frame
+        if self._pcm_rest is not None:  # webrtcvad reads the samples as they came
+            received = self._pcm_rest + samples.tobytes() if self._pcm_rest else samples.tobytes()
+            pcm, self._pcm_rest = received[: 2 * count * frame], received[2 * count * frame :]
         if count == 0:
             return
         first = start - self._base
         whole = self._buf[first : first + count * frame]
         frames = whole.reshape(count, frame)
         energies = np.einsum("ij,ij->i", frames, frames).tolist()
-        scaled = whole * 32767.0
-        np.maximum(scaled, _PCM_LOW[: len(scaled)], out=scaled)
-        np.minimum(scaled, _PCM_HIGH[: len(scaled)], out=scaled)
-        pcm = scaled.astype(np.int16).tobytes()  # native order, as the C code reads it
+        if self._pcm_rest is None:
+            scaled = whole * 32767.0
+            np.maximum(scaled, _PCM_LOW[: len(scaled)], out=scaled)
+            np.minimum(scaled, _PCM_HIGH[: len(scaled)], out=scaled)
+            pcm = scaled.astype(np.int16).tobytes()  # native order, as the C code reads it
 
         is_speech = self._vad.is_speech
         gate = self._gate_energy

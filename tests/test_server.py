@@ -22,9 +22,12 @@ def url(gateway, query: str = "") -> str:
     return f"ws://127.0.0.1:{gateway.port}/v1/stream{query}"
 
 
-async def send_audio(ws, audio, frame_ms: int = 100) -> None:
+async def send_audio(ws, audio, frame_ms: int = 100, pace: float = 0.0) -> None:
+    """Send in frames, as fast as possible, or `pace` times faster than real time."""
     for chunk in chunks(to_s16le(audio), RATE * 2 * frame_ms // 1000):
         await ws.send(chunk)
+        if pace:
+            await asyncio.sleep(frame_ms / 1000 / pace)
 
 
 def test_native_stream_end_to_end(speech):
@@ -34,7 +37,9 @@ def test_native_stream_end_to_end(speech):
                 started = json.loads(await ws.recv())
                 assert started["type"] == "session.started" and started["seq"] == 1
                 assert started["config"]["sample_rate"] == 16000
-                await send_audio(ws, joined(speech))
+                # Paced: a stream sent all at once may see every partial superseded by the
+                # next one before the engine takes it (partials are dropped, never queued).
+                await send_audio(ws, joined(speech), pace=5)
                 await ws.send(json.dumps({"type": "close"}))
                 messages = await collect(ws)
                 await ws.wait_closed()
@@ -371,3 +376,41 @@ def test_repeated_query_parameters_are_joined():
     from streaming.server import _query
 
     assert _query("keyterm=a+b&keyterm=c&x=1") == {"keyterm": "a b,c", "x": "1"}
+
+
+def test_paced_audio_takes_the_fast_path_in_order_with_control_messages(speech, monkeypatch):
+    # Frames that arrive one at a time are fed to the session as they are parsed (no recv()),
+    # yet a control message between them still applies exactly where it was sent.
+    from streaming.gateway import Connection
+
+    taken = []
+    take = Connection._take_frame
+
+    def counting(self, data):
+        result = take(self, data)
+        taken.append(result)
+        return result
+
+    monkeypatch.setattr(Connection, "_take_frame", counting)
+    first, second = speech
+
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await send_audio(ws, first[: RATE * 2], pace=10)  # mid-utterance
+                await ws.send(json.dumps({"type": "finalize"}))
+                await send_audio(ws, second, pace=10)
+                await ws.send(json.dumps({"type": "close"}))
+                return await collect(ws)
+
+    messages = asyncio.run(main())
+    assert taken.count(True) >= 30  # of 20 + ~25 frames
+    seqs = [m["seq"] for m in messages]
+    assert seqs == sorted(seqs)
+    finals = [m for m in messages if m["type"] == "transcript.final"]
+    assert len(finals) == 2 and finals[0]["from_finalize"]
+    assert finals[0]["end_ms"] == 2000 <= finals[1]["start_ms"]  # cut exactly at the finalize
+    kinds = [m["type"] for m in messages]
+    assert kinds.index("transcript.partial") < kinds.index("transcript.final")
+    assert kinds[-1] == "session.closed"

@@ -348,6 +348,23 @@ def test_decoder_holds_a_split_frame_until_it_completes():
     assert (decoder.pending_bytes, decoder.samples_in, decoder.samples_out) == (0, 2, 2)
 
 
+def test_16khz_pcm16_is_handed_over_undecoded_with_split_frames_held():
+    fmt = AudioFormat("pcm_s16le", 16000, 2)
+    assert AudioDecoder(fmt).pcm16_direct
+    assert not AudioDecoder(AudioFormat("pcm_s16le", 8000, 1)).pcm16_direct
+    assert not AudioDecoder(AudioFormat("mulaw", 16000, 1)).pcm16_direct
+    data = np.array([100, -200, 300, -400, 500, -600], dtype="<i2").tobytes()
+    decoder, floats = AudioDecoder(fmt), AudioDecoder(fmt)
+    parts = [decoder.feed_pcm16(data[:5]), decoder.feed_pcm16(data[5:])]
+    assert [p.shape for p in parts] == [(2, 1), (2, 2)] and parts[0].dtype == np.int16
+    joined = np.concatenate(parts, axis=1)
+    np.testing.assert_array_equal(joined, [[100, 300, 500], [-200, -400, -600]])
+    np.testing.assert_array_equal(joined / 32768, floats.feed(data))
+    assert (decoder.samples_in, decoder.samples_out, decoder.pending_bytes) == (3, 3, 0)
+    with pytest.raises(ValueError, match="pcm_s16le at 16 kHz"):
+        AudioDecoder(AudioFormat("pcm_s16le", 48000, 1)).feed_pcm16(data)
+
+
 @pytest.mark.parametrize("rate", [16000, 48000])
 def test_decoder_deinterleaves_channels(rate):
     left, right = sine(1000, rate, 0.5), sine(3000, rate, 0.5)

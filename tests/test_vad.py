@@ -168,6 +168,35 @@ def test_chunk_sizes_do_not_change_events(three_clips):
     assert segmenter.samples_seen == len(stream)
 
 
+def test_16bit_pcm_is_segmented_alike_in_any_chunking_and_kept_exactly(three_clips):
+    # Fed as a client sends it, 16-bit PCM reaches webrtcvad unchanged, and the segments hold
+    # it as float32 / 32768 whatever the chunk sizes (a frame may straddle feeds).
+    stream, _, _ = three_clips
+    pcm = np.clip(np.rint(stream * 32768), -32768, 32767).astype(np.int16)
+    whole = Segmenter()
+    events = whole.feed_pcm16(pcm) + whole.flush()
+    closed = of(events, SegmentClosed)
+    assert len(closed) == 3
+    for seg in closed:
+        expected = pcm[seg.start_sample : seg.end_sample].astype(np.float32) / 32768
+        assert seg.audio.dtype == np.float32 and seg.audio.tobytes() == expected.tobytes()
+    floats = run(Segmenter(), pcm.astype(np.float32) / 32768)
+    assert [t[:3] for t in as_tuples(floats)] == [t[:3] for t in as_tuples(events)]
+
+    rng = np.random.default_rng(5)
+    segmenter, chunked, pos = Segmenter(), [], 0
+    while pos < len(pcm):
+        size = int(rng.choice([0, 1, 7, 321, 1600, 4801, 40000]))
+        chunked += segmenter.feed_pcm16(pcm[pos : pos + size])
+        pos += size
+    chunked += segmenter.flush()
+    assert as_tuples(chunked) == as_tuples(events)
+    with pytest.raises(ValueError, match="throughout"):
+        segmenter.feed(stream[:160])
+    with pytest.raises(TypeError, match="int16"):
+        Segmenter().feed_pcm16(stream[:160])
+
+
 def test_flush_closes_open_segment_and_segmenter_goes_on():
     first = np.concatenate([silence(1.0), clip("0880"), noise(123, -60.0)])
     segmenter = Segmenter()

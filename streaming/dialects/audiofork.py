@@ -36,6 +36,7 @@ NOT_OPTIONS = ("hotwords", "api_key", "call_id")  # query keys that are not sess
 
 class AudioForkDialect:
     name = "audiofork"
+    binary_audio = True
 
     def __init__(self) -> None:
         self.call_id: str | None = None

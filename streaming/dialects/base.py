@@ -79,6 +79,9 @@ class Opening:
 
 class Dialect(Protocol):
     name: str
+    # Every non-empty binary frame is audio: `on_binary` returns only `Audio` commands for it,
+    # so the gateway may feed it to the session as soon as it is parsed (the fast path).
+    binary_audio: bool
 
     def opening(self, query: Mapping[str, str]) -> Opening: ...
 

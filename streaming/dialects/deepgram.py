@@ -221,6 +221,7 @@ class UtteranceEnds:
 
 class DeepgramDialect:
     name = "deepgram"
+    binary_audio = True
 
     def __init__(self) -> None:
         self.params: ListenParams | None = None

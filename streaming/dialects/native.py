@@ -71,6 +71,7 @@ def split_hotwords(value: object) -> tuple[str, ...]:
 
 class NativeDialect:
     name = "native"
+    binary_audio = True
 
     def __init__(self) -> None:
         self.seq = 0

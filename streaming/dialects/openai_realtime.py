@@ -100,6 +100,7 @@ class _BadEvent(ValueError):
 
 class OpenAIRealtimeDialect:
     name = "openai_realtime"
+    binary_audio = False
 
     def __init__(self) -> None:
         self.format = "pcm16"

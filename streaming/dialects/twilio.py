@@ -87,6 +87,7 @@ class TrackAligner:
 
 class TwilioDialect:
     name = "twilio"
+    binary_audio = False
 
     def __init__(self) -> None:
         self.call_id: str | None = None  # Twilio's callSid, once `start` arrives
