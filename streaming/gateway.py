@@ -54,7 +54,7 @@ CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN = 1000, 1001, 1008
 CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE = 4001, 4002
 STATUS_EVERY_S = 1.0
 DRAIN_READ_S = 0.5  # on shutdown, frames already sent are still read for this long
-WATCHDOG_S = 0.25  # how often a connection checks its idle, duration, drain and send clocks
+WATCHDOG_S = 0.25  # how often connections check their idle, duration, drain and send clocks
 YIELD_EVERY = 4  # frames read in a row before the reader lets other tasks run
 
 
@@ -118,6 +118,7 @@ class Connection:
         self.sends: dict[object, float] = {}  # sends in progress -> when each started
         self.reader: asyncio.Task | None = None  # set while it waits for the next frame
         self.interrupted: str | None = None  # why the watchdog stopped that wait
+        self.watched = False  # `watch` looks at this connection (its session is running)
         self.last_status = 0.0
         self.unsent: list[Output] = []  # events of frames taken on the fast path, to send
         self.fast_burst = 0  # frames taken on the fast path since the loop last turned
@@ -152,7 +153,7 @@ class Connection:
             return
         self.session.hotwords = opening.hotwords
         results = asyncio.create_task(self._deliver_results())
-        watchdog = self.loop.call_later(WATCHDOG_S, self._watch)
+        self.watched = True
         fast = isinstance(self.ws, StreamConnection) and self.dialect.binary_audio
         try:
             await self._emit(self.session.start())
@@ -169,7 +170,7 @@ class Connection:
             if fast:
                 self.ws.take_frame = None
             results.cancel()
-            watchdog.cancel()
+            self.watched = False
 
     async def drain(self, grace_s: float) -> None:
         """Server shutdown: read what the client already sent, flush, deliver the last finals,
@@ -274,15 +275,16 @@ class Connection:
             self.progress.clear()
             await self.progress.wait()
 
-    def _watch(self) -> None:
-        """Every WATCHDOG_S: cut a client that stopped reading, and stop waiting for frames on
-        idle timeout, maximum duration or drain. One timer per connection, instead of a
-        timeout (and a task) per frame."""
-        if self.finished.is_set():
+    def watch(self) -> None:
+        """Called every WATCHDOG_S by the server (one timer for all streams, not a timeout or a
+        task per frame): cut a client that stopped reading, and stop waiting for frames on
+        idle timeout, maximum duration or drain."""
+        if not self.watched:
             return
         now = self.loop.time()
         server = self.config.server
         if self.sends and now - min(self.sends.values()) > server.idle_timeout_s:
+            self.watched = False
             self._drop_slow_client()
             return
         if self.drain_at is not None and now >= self.drain_at:
@@ -296,7 +298,6 @@ class Connection:
         if reason is not None and self.reader is not None and self.interrupted is None:
             self.interrupted = reason
             self.reader.cancel()  # websockets: a cancelled recv() loses no data
-        self.loop.call_later(WATCHDOG_S, self._watch)
 
     async def _interrupted(self, reason: str) -> None:
         session, server = self.session, self.config.server

@@ -35,7 +35,7 @@ from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
 from streaming.eventloop import loop_name
-from streaming.gateway import Connection, StreamConnection
+from streaming.gateway import WATCHDOG_S, Connection, StreamConnection
 from streaming.metrics import Metrics
 from streaming.openai_rest import RestServer
 
@@ -77,6 +77,7 @@ class Gateway:
         self.draining = False
         self.keys = {k.strip() for k in config.server.api_keys.split(",") if k.strip()}
         self.server: Server | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
         self.engine_error: str | None = None
         self.loading: asyncio.Future | None = None
         self.rest: RestServer | None = None  # POST /v1/audio/transcriptions on server.http_port
@@ -111,7 +112,15 @@ class Gateway:
             self.rest = RestServer(self)
             await self.rest.start(server.host, server.http_port)
         self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
+        self._watch()
         return self.server
+
+    def _watch(self) -> None:
+        """Every WATCHDOG_S, each connection checks its clocks: one timer for the server, as
+        a timer per stream was a visible cost at hundreds of streams."""
+        for connection in list(self.connections):
+            connection.watch()
+        self.watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._watch)
 
     def _load(self) -> None:
         try:
@@ -246,6 +255,8 @@ class Gateway:
         await self.calls.aclose(grace)
         self.server.close()
         await self.server.wait_closed()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=grace)
 

@@ -313,7 +313,15 @@ def test_client_that_stops_reading_is_dropped():
         ws, metrics = StuckSocket(), Metrics()
         config = gateway_config(idle_timeout_s=0.2)
         conn = Connection(ws, NativeDialect(), {}, config, Scheduler(EchoEngine()), metrics)
+
+        async def watchdog():  # the server's part: look at the connection now and then
+            while True:
+                await asyncio.sleep(0.05)
+                conn.watch()
+
+        watching = asyncio.create_task(watchdog())
         await asyncio.wait_for(conn.run(), 5)
+        watching.cancel()
         return ws.aborted, conn.finished.is_set(), metrics.render().decode()
 
     aborted, finished, metrics = asyncio.run(main())
