@@ -367,8 +367,10 @@ class AudioDecoder:
         self.samples_out += channels.shape[1]
         return channels
 
-    def _whole_frames(self, data: bytes) -> memoryview:
+    def _whole_frames(self, data: bytes) -> bytes | memoryview:
         """The bytes of the whole sample frames received so far; the rest waits for more."""
+        if not self._pending and len(data) % self.format.frame_bytes == 0:
+            return data  # the usual frame: whole samples only
         view = memoryview(data).cast("B")
         if self._pending:
             view = memoryview(self._pending + view)
@@ -389,7 +391,7 @@ class AudioDecoder:
         self.samples_out += out.shape[1]
         return out
 
-    def _decode(self, raw: memoryview) -> np.ndarray:
+    def _decode(self, raw: bytes | memoryview) -> np.ndarray:
         """Interleaved samples of whole frames as float32 in [-1, 1]."""
         encoding = self.format.encoding
         if encoding == "mulaw":

@@ -353,7 +353,7 @@ class Segmenter:
         first = start - self._base
         whole = self._buf[first : first + count * frame]
         frames = whole.reshape(count, frame)
-        energies = np.einsum("ij,ij->i", frames, frames).tolist()
+        energies = np.vecdot(frames, frames).tolist()
         if self._pcm_rest is None:
             scaled = whole * 32767.0
             np.maximum(scaled, _PCM_LOW[: len(scaled)], out=scaled)
@@ -434,7 +434,7 @@ class Segmenter:
         lo = self._seg_start + 2 * (end - self._seg_start) // 3
         count = (hi - lo) // frame
         frames = self._audio(hi - count * frame, hi).reshape(count, frame)
-        quietest = int(np.argmin(np.einsum("ij,ij->i", frames, frames)))
+        quietest = int(np.argmin(np.vecdot(frames, frames)))
         cut = hi - (count - quietest) * frame + frame // 2
         events.append(self._segment(cut, "max_length"))
         self._seg_id = self._new_id()
