@@ -66,3 +66,15 @@ def write_result(name: str, figures: dict, settings: dict) -> Path:
     path = RESULTS_DIR / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def streams_per_core(figures: dict, label: str, cpu_s: float, audio_s: float) -> None:
+    """Record and print a per-stream cost: CPU ms per second of audio, and the real-time
+    streams one core keeps up with at that cost."""
+    ms_per_s = 1000 * cpu_s / audio_s
+    figures[f"{label}_cpu_ms_per_audio_s"] = round(ms_per_s, 4)
+    figures[f"{label}_streams_per_core"] = round(1000 / ms_per_s)
+    print(
+        f"{label:20s} {ms_per_s:.3f} ms CPU per audio second = "
+        f"{1000 / ms_per_s:,.0f} real-time streams per core"
+    )

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from benchmarks.results import write_result
+from benchmarks.results import streams_per_core, write_result
 from benchmarks.vad_cost import speech_stream
 from engine.api import Segment
 from engine.noop import NoopEngine
@@ -81,13 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         best = min(
             cpu_seconds(pcm, options, args.streams, args.seconds) for _ in range(args.repeats)
         )
-        ms_per_s = 1000 * best / stream_seconds
-        figures[f"captions_{mode}_cpu_ms_per_stream_s"] = round(ms_per_s, 4)
-        figures[f"captions_{mode}_streams_per_core"] = round(1000 / ms_per_s)
-        print(
-            f"captions {mode:6s} {ms_per_s:.3f} ms CPU per stream-second = "
-            f"{1000 / ms_per_s:,.0f} real-time streams per core"
-        )
+        streams_per_core(figures, f"captions_{mode}", best, stream_seconds)
     settings = {"streams": args.streams, "seconds": args.seconds, "repeats": args.repeats}
     print(f"written to {write_result('session_cost', figures, settings)}")
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import soundfile as sf
 
-from benchmarks.results import write_result
+from benchmarks.results import streams_per_core, write_result
 from streaming.vad import SAMPLE_RATE, SegmentClosed, Segmenter, SegmenterConfig
 
 CLIPS = "/usr/share/pocketsphinx/test/data/librivox/*.wav"
@@ -79,13 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, partials in (("vad", False), ("vad_with_snapshots", True)):
         cpu_seconds(stream, cfg, feed, partials)  # warm-up
         best = min(cpu_seconds(stream, cfg, feed, partials) for _ in range(args.repeats))
-        ms_per_s = 1000 * best / audio_s
-        figures[f"{label}_cpu_ms_per_audio_s"] = round(ms_per_s, 4)
-        figures[f"{label}_streams_per_core"] = round(1000 / ms_per_s)
-        print(
-            f"{label:20s} {ms_per_s:.3f} ms CPU per audio second = "
-            f"{1000 / ms_per_s:,.0f} real-time streams per core"
-        )
+        streams_per_core(figures, label, best, audio_s)
     settings = {
         "feed_ms": args.feed_ms,
         "frame_ms": args.frame_ms,
