@@ -406,6 +406,7 @@ async def scrape(server: Endpoints) -> dict:
 class ServerProcess:
     pid: int | None  # None: a server this program did not start (no CPU figures)
     server: Endpoints
+    event_loop: str | None = None  # as the started server reports it
 
 
 @contextlib.asynccontextmanager
@@ -428,10 +429,11 @@ async def spawned_server(model: str, config: str | None) -> AsyncIterator[Server
     with os.fdopen(fd, "w") as sink:
         proc = subprocess.Popen(command, cwd=REPO, stderr=sink, env=env)
     try:
-        port = await _listening_port(proc, log)
+        listening = await _listening(proc, log)
+        port = int(listening["port"])
         server = Endpoints(f"ws://127.0.0.1:{port}/v1/stream", f"http://127.0.0.1:{port}")
         await _until_ready(server, proc, log)
-        yield ServerProcess(proc.pid, server)
+        yield ServerProcess(proc.pid, server, listening.get("event_loop"))
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -445,14 +447,15 @@ def _died(proc: subprocess.Popen, log: Path) -> SystemExit:
     return SystemExit(f"the server exited with status {proc.returncode}:\n{tail}")
 
 
-async def _listening_port(proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> int:
+async def _listening(proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> dict:
+    """The server's "listening" log record (its port, its event loop)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
                 if record.get("msg") == "listening":
-                    return int(record["port"])
+                    return record
         if proc.poll() is not None:
             raise _died(proc, log)
         await asyncio.sleep(0.1)
@@ -836,6 +839,7 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
         "seconds_per_stream": args.seconds,
         "frame_ms": args.frame_ms,
         "captions": args.captions,
+        "server_event_loop": server.event_loop,
         "pacing": "frame k sent at t0+(k+1)*frame; latencies from when the audio was spoken",
         "clips": [
             {"id": c.id, "onset_ms": c.onset_ms, "duration_ms": c.duration_ms} for c in clips

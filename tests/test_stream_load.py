@@ -254,6 +254,7 @@ def test_two_noop_streams_end_to_end(tmp_path, monkeypatch):
     assert path.parent == tmp_path
     record = json.loads(path.read_text())
     assert record["benchmark"] == "stream_load" and record["settings"]["model"] == "noop"
+    assert record["settings"]["server_event_loop"] == "uvloop"
     assert record["figures"]["levels"][0]["finals"] == level["finals"]
 
 
