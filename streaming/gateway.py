@@ -2,7 +2,9 @@
 
 The asyncio edge: reads frames, turns them into session calls through the dialect, sends the
 session's events back through the dialect, and hands engine requests to the scheduler. Results
-come back from the scheduler's thread through `call_soon_threadsafe`.
+come back from the scheduler's thread through `call_soon_threadsafe`. Audio frames that arrive
+one by one skip the reader task: `StreamConnection` feeds them to the session as they are parsed
+(the gateway's largest per-frame saving at hundreds of streams).
 """
 
 from __future__ import annotations
