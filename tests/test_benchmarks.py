@@ -304,4 +304,4 @@ def test_session_cost_carries_real_speech_through_sessions_and_records_figures(m
     session_cost.main("--streams 2 --seconds 12 --repeats 1 --captions popon".split())
     assert len(finals) >= 2  # each stream's speech is segmented and answered
     ms = recorded["captions_popon_cpu_ms_per_audio_s"]
-    assert ms > 0 and recorded["captions_popon_streams_per_core"] == round(1000 / ms)
+    assert ms > 0 and abs(recorded["captions_popon_streams_per_core"] - 1000 / ms) <= 1
