@@ -188,7 +188,7 @@ def test_worker_thread_batches_across_threads_and_drains_on_stop():
 
 def test_a_batch_waits_at_most_max_wait_and_goes_as_soon_as_it_is_full():
     engine = FakeEngine()
-    sched = Scheduler(engine, SchedulerConfig(max_batch=4, max_wait_ms=300))
+    sched = Scheduler(engine, SchedulerConfig(max_batch=4, max_wait_ms=1000))
     done = Collector()
     sched.start()
     try:
@@ -198,13 +198,13 @@ def test_a_batch_waits_at_most_max_wait_and_goes_as_soon_as_it_is_full():
         while len(done.outcomes) < 2:
             time.sleep(0.005)
         waited = time.monotonic() - started
-        assert 0.25 <= waited < 2.0 and engine.calls == [("draft", [10, 10])]
+        assert 0.95 <= waited < 5.0 and engine.calls == [("draft", [10, 10])]
 
         started = time.monotonic()
         for i in range(4):  # a full batch is taken at once, not at the deadline
             sched.submit(Request("partial", 10 + i, seg(20), done))
         while len(done.outcomes) < 6:
             time.sleep(0.005)
-        assert time.monotonic() - started < 0.2 and engine.calls[-1] == ("draft", [20] * 4)
+        assert time.monotonic() - started < 0.8 and engine.calls[-1] == ("draft", [20] * 4)
     finally:
         sched.stop(timeout=10)
