@@ -194,17 +194,17 @@ def test_a_batch_waits_at_most_max_wait_and_goes_as_soon_as_it_is_full():
     try:
         started = time.monotonic()
         for i in range(2):  # half a batch: it waits for more, up to max_wait_ms
-            sched.submit(Request("partial", i, seg(10), done))
+            sched.submit(Request("final", i, seg(10), done))
         while len(done.outcomes) < 2:
             time.sleep(0.005)
         waited = time.monotonic() - started
-        assert 0.95 <= waited < 5.0 and engine.calls == [("draft", [10, 10])]
+        assert 0.95 <= waited < 5.0 and engine.calls == [("transcribe", [10, 10])]
 
         started = time.monotonic()
         for i in range(4):  # a full batch is taken at once, not at the deadline
-            sched.submit(Request("partial", 10 + i, seg(20), done))
+            sched.submit(Request("final", 10 + i, seg(20), done))
         while len(done.outcomes) < 6:
             time.sleep(0.005)
-        assert time.monotonic() - started < 0.8 and engine.calls[-1] == ("draft", [20] * 4)
+        assert time.monotonic() - started < 0.8 and engine.calls[-1] == ("transcribe", [20] * 4)
     finally:
         sched.stop(timeout=10)
