@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING
 
 from websockets.exceptions import ConnectionClosed
 
-from streaming.dialects.base import Audio, Close, Command, Configure, KeepAlive, Opening, Reject
+from streaming.dialects.base import (
+    Audio,
+    Close,
+    Command,
+    Configure,
+    KeepAlive,
+    Opening,
+    Reject,
+    Reply,
+)
 from streaming.events import ErrorEvent, Event
 
 if TYPE_CHECKING:
@@ -51,6 +60,7 @@ class AudioSocketDialect:
     """The AudioSocket packet stream as session commands (sans-I/O, split packets allowed)."""
 
     name = "audiosocket"
+    binary_audio = False  # packets carry a header: not plain audio (and not a WebSocket)
 
     def __init__(self) -> None:
         self.call_id: str | None = None  # the UUID, once its packet arrives
@@ -116,6 +126,9 @@ class AudioSocketDialect:
                 CLOSE_BAD_CONFIG,
             )
         return Reject("unknown_type", f"unknown packet type 0x{kind:02x} ignored")
+
+    def due(self) -> list[Reply]:
+        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         if not isinstance(event, ErrorEvent):

@@ -475,8 +475,8 @@ class Connection:
 
     def _feed_audio(self, data: bytes) -> list[Output]:
         """Audio into the session. Its engine requests go to the scheduler now; returned are
-        the events to send, with a `status` when the engine is behind (checked once a second,
-        when the audio counter also moves)."""
+        the events to send, the dialect's messages now due, and a `status` when the engine is
+        behind (checked once a second, when the audio counter also moves)."""
         self.audio_seen = True
         events = []
         for item in self.session.feed_audio(data):
@@ -484,6 +484,7 @@ class Connection:
                 self._submit(item)
             else:
                 events.append(item)
+        events += [reply.message for reply in self.dialect.due()]
         now = self.loop.time()
         if now - self.last_status >= STATUS_EVERY_S:
             self.last_status = now

@@ -168,6 +168,29 @@ def test_live_stream_with_the_sdk(speech):
     assert metadata.duration == pytest.approx(len(audio) / 2 / RATE, abs=0.01)
 
 
+def test_utterance_end_comes_in_the_silence_without_waiting_for_an_event(speech):
+    # A voice bot ends its turn on UtteranceEnd: it must come once the silence has lasted
+    # utterance_end_ms of audio, while the stream goes on, not with the next speech.
+    audio = to_s16le(np.concatenate([speech[0], np.zeros(RATE * 3, np.float32)]))
+
+    async def main():
+        async with running(gateway_config(api_keys=KEY), EchoEngine()) as gw:
+            async with listen(
+                gw, encoding="linear16", sample_rate=16000, utterance_end_ms="1000"
+            ) as socket:
+                await send_pcm(socket, audio, pace_s=0.01)
+                messages = await read_until(socket, lambda m: isinstance(m, ListenV1UtteranceEnd))
+                await socket.send_close_stream()
+                return messages + await drain(socket)
+
+    messages = asyncio.run(main())
+    (final,) = finals(messages)
+    end = next(m for m in messages if isinstance(m, ListenV1UtteranceEnd))
+    assert messages.index(end) > messages.index(final)
+    assert end.last_word_end == final.channel.alternatives[0].words[-1].end
+    assert isinstance(messages[-1], ListenV1Metadata)  # the stream was still open for it
+
+
 def test_interim_results_off_by_default_and_endpointing_false(speech):
     async def main():
         async with running(gateway_config(), EchoEngine()) as gw:

@@ -23,7 +23,16 @@ import json
 import logging
 from collections.abc import Mapping
 
-from streaming.dialects.base import Audio, Close, Command, Configure, KeepAlive, Opening, Reject
+from streaming.dialects.base import (
+    Audio,
+    Close,
+    Command,
+    Configure,
+    KeepAlive,
+    Opening,
+    Reject,
+    Reply,
+)
 from streaming.dialects.native import NativeDialect, split_hotwords
 from streaming.events import ErrorEvent, Event, FinalTranscript
 
@@ -92,6 +101,9 @@ class AudioForkDialect:
     def on_hangup(self) -> list[Command]:
         """Both platforms end the stream by closing the socket."""
         return [Close()]
+
+    def due(self) -> list[Reply]:
+        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         if not isinstance(event, FinalTranscript | ErrorEvent):

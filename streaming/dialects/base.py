@@ -91,6 +91,11 @@ class Dialect(Protocol):
 
     def encode(self, event: Event) -> list[str | bytes]: ...
 
+    def due(self) -> list[Reply]:
+        """Messages that fall due as audio arrives rather than with a session event (Deepgram's
+        UtteranceEnd after a silence): looked at after each audio frame, sent in order."""
+        ...
+
 
 def parse_message(text: str) -> dict | Reject:
     """A text frame as a JSON object with a string `type`, or the Reject that says why not."""

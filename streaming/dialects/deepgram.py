@@ -31,6 +31,7 @@ from streaming.dialects.base import (
     KeepAlive,
     Opening,
     Reject,
+    Reply,
     parse_message,
 )
 from streaming.events import (
@@ -185,8 +186,8 @@ class UtteranceEnds:
     """When an UtteranceEnd is due: `gap_s` of audio has followed the last word of a channel's
     latest final without new speech on that channel.
 
-    Known only from events and the audio clock (seconds received), so the message goes out with
-    the first event, or the end of the stream, at which the gap is known to have passed.
+    Known from events and the audio clock (seconds received): the message goes out with the
+    first event or audio frame (`DeepgramDialect.due`) at which the gap is known to have passed.
     """
 
     def __init__(self, gap_s: float) -> None:
@@ -217,6 +218,14 @@ class UtteranceEnds:
         for channel, _ in ready:
             del self.waiting[channel]
         return ready
+
+
+@dataclass(frozen=True)
+class UtteranceEndDue:
+    """An UtteranceEnd found due between events (`DeepgramDialect.due`)."""
+
+    channel: int
+    last_word_end_s: float
 
 
 class DeepgramDialect:
@@ -297,7 +306,16 @@ class DeepgramDialect:
         params = self.params
         return 1 if params is None or params.mixed else params.channels
 
+    def due(self) -> list[Reply]:
+        """UtteranceEnds whose silence the audio received now shows, without waiting for the
+        next event (a voice bot ends its turn on them)."""
+        if self.utterances is None or not self.utterances.waiting:
+            return []
+        return [Reply(UtteranceEndDue(c, last)) for c, last in self.utterances.due(self.clock_s)]
+
     def encode(self, event: Event) -> list[str | bytes]:
+        if isinstance(event, UtteranceEndDue):
+            return [json.dumps(self._utterance_end(event.channel, event.last_word_end_s))]
         before: list[tuple[int, float]] = []
         after: list[tuple[int, float]] = []
         utterances = self.utterances

@@ -19,6 +19,7 @@ from streaming.dialects.base import (
     KeepAlive,
     Opening,
     Reject,
+    Reply,
     Update,
     parse_message,
 )
@@ -125,6 +126,9 @@ class NativeDialect:
                 f"session.update accepts {', '.join(sorted(UPDATABLE))} and hotwords",
             )
         return Update(options, hotwords)
+
+    def due(self) -> list[Reply]:
+        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         message = self._message(event)

@@ -257,6 +257,9 @@ class OpenAIRealtimeDialect:
 
     # --- events -> server events ----------------------------------------------------------------
 
+    def due(self) -> list[Reply]:
+        return []
+
     def encode(self, event: Event | _Updated | _Committed | _Cleared) -> list[str | bytes]:
         return [json.dumps({"event_id": _id("event"), **m}) for m in self._messages(event)]
 

@@ -29,6 +29,7 @@ from streaming.dialects.base import (
     KeepAlive,
     Opening,
     Reject,
+    Reply,
 )
 from streaming.dialects.native import split_hotwords
 from streaming.events import ErrorEvent, Event
@@ -224,6 +225,9 @@ class TwilioDialect:
                 commands.append(Audio(rest))
         self.state = "stopped"
         return [*commands, Close()]
+
+    def due(self) -> list[Reply]:
+        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         """Nothing goes back to Twilio; errors are logged for the operator."""
