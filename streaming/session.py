@@ -95,7 +95,6 @@ class Session:
         self.state = "open"  # open -> closing (flushed, finals pending) -> closed
         self.close_reason = ""
         self.samples = 0  # 16 kHz samples received per channel
-        self._pending_finals = 0
         self.stats = SessionStats()
         self.hotwords: tuple[str, ...] = ()
         self.captions = Captions(
@@ -142,8 +141,7 @@ class Session:
 
     @property
     def pending_finals(self) -> int:
-        """Closed segments whose final has not come back (read on every frame: a counter)."""
-        return self._pending_finals
+        return sum(len(ch.pending) for ch in self.channels)
 
     @property
     def closed(self) -> bool:
@@ -171,7 +169,6 @@ class Session:
         pending = channel.pending.pop(request.segment_id, None)
         if pending is None:
             return []
-        self._pending_finals -= 1
         if hypothesis is None:
             out: list[Output] = [
                 ErrorEvent(
@@ -228,7 +225,6 @@ class Session:
     def _on_closed(self, channel: ChannelState, event: SegmentClosed, from_finalize: bool):
         seg = event.segment_id
         self.stats.segments += 1
-        self._pending_finals += 1
         channel.pending[seg] = PendingFinal(
             start_sample=event.start_sample,
             end_sample=event.end_sample,
