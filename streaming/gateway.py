@@ -162,8 +162,6 @@ class Connection:
             if fast:
                 self.ws.take_frame = self._take_frame
             await self._read()
-            if fast:
-                self.ws.take_frame = None
             self._count_audio()
             if self.session.state != "open":
                 await self._until_closed_sent()
