@@ -56,6 +56,15 @@ _PCM_HIGH = -_PCM_LOW
 _PCM_LOW.flags.writeable = _PCM_HIGH.flags.writeable = False
 _PCM16_SCALE = np.float32(1 / 32768)  # 16-bit PCM to float, as the session's decoder does
 
+
+def _pcm16_bytes(samples: np.ndarray) -> bytes:
+    """Float samples as the 16-bit PCM webrtcvad reads (native byte order), clipped to full
+    scale."""
+    scaled = samples * 32767.0
+    np.maximum(scaled, _PCM_LOW[: len(scaled)], out=scaled)
+    np.minimum(scaled, _PCM_HIGH[: len(scaled)], out=scaled)
+    return scaled.astype(np.int16).tobytes()
+
 CloseReason = Literal["endpoint", "max_length", "flush"]
 GapReason = Literal["too_short"]
 
@@ -128,9 +137,7 @@ class SegmenterConfig:
 
 
 @dataclass(frozen=True)
-class SpeechStarted:
-    """Voice activity began at `sample` (the onset, before any padding)."""
-
+class _SpeechEdge:
     segment_id: int
     sample: int
 
@@ -140,19 +147,32 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True)
-class SpeechStopped:
+class SpeechStarted(_SpeechEdge):
+    """Voice activity began at `sample` (the onset, before any padding)."""
+
+
+@dataclass(frozen=True)
+class SpeechStopped(_SpeechEdge):
     """Voice activity ended at `sample` (end of the last voiced frame, before padding)."""
 
-    segment_id: int
-    sample: int
+
+class _SampleSpan:
+    """Millisecond views of a span's `start_sample` and `end_sample`."""
+
+    start_sample: int
+    end_sample: int
 
     @property
-    def ms(self) -> float:
-        return _to_ms(self.sample)
+    def start_ms(self) -> float:
+        return _to_ms(self.start_sample)
+
+    @property
+    def end_ms(self) -> float:
+        return _to_ms(self.end_sample)
 
 
 @dataclass(frozen=True, eq=False)
-class SegmentClosed:
+class SegmentClosed(_SampleSpan):
     """A finished segment: `audio` is stream samples [start_sample, end_sample), read-only."""
 
     segment_id: int
@@ -161,30 +181,14 @@ class SegmentClosed:
     audio: np.ndarray
     reason: CloseReason
 
-    @property
-    def start_ms(self) -> float:
-        return _to_ms(self.start_sample)
-
-    @property
-    def end_ms(self) -> float:
-        return _to_ms(self.end_sample)
-
 
 @dataclass(frozen=True)
-class Gap:
+class Gap(_SampleSpan):
     """Received audio deliberately left untranscribed (a burst shorter than min_segment_ms)."""
 
     start_sample: int
     end_sample: int
     reason: GapReason
-
-    @property
-    def start_ms(self) -> float:
-        return _to_ms(self.start_sample)
-
-    @property
-    def end_ms(self) -> float:
-        return _to_ms(self.end_sample)
 
 
 Event = SpeechStarted | SpeechStopped | SegmentClosed | Gap
@@ -337,15 +341,16 @@ class Segmenter:
             held = self._seen - self._base
         # Our own copy, so kept audio does not alias the caller's buffer; float32 from here on.
         kept = self._buf[held : held + len(samples)]
-        if self._pcm_rest is None:
-            kept[:] = samples
-        else:
+        pcm16 = self._pcm_rest is not None
+        if pcm16:
             np.multiply(samples, _PCM16_SCALE, out=kept)
+        else:
+            kept[:] = samples
         self._seen += len(samples)
         frame = self._frame
         start = self._pos
         count = (self._seen - start) // frame
-        if self._pcm_rest is not None:  # webrtcvad reads the samples as they came
+        if pcm16:  # webrtcvad reads the samples as they came; a partial frame waits
             received = self._pcm_rest + samples.tobytes() if self._pcm_rest else samples.tobytes()
             pcm, self._pcm_rest = received[: 2 * count * frame], received[2 * count * frame :]
         if count == 0:
@@ -354,11 +359,8 @@ class Segmenter:
         whole = self._buf[first : first + count * frame]
         frames = whole.reshape(count, frame)
         energies = np.vecdot(frames, frames).tolist()
-        if self._pcm_rest is None:
-            scaled = whole * 32767.0
-            np.maximum(scaled, _PCM_LOW[: len(scaled)], out=scaled)
-            np.minimum(scaled, _PCM_HIGH[: len(scaled)], out=scaled)
-            pcm = scaled.astype(np.int16).tobytes()  # native order, as the C code reads it
+        if not pcm16:
+            pcm = _pcm16_bytes(whole)
 
         is_speech = self._vad.is_speech
         gate = self._gate_energy
