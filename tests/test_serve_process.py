@@ -99,15 +99,19 @@ def test_serves_on_uvloop_unless_asyncio_is_configured():
             proc.stderr.close()
 
 
-def test_model_that_cannot_load_stops_the_server(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "streaming", "serve", "--port", "0", "--http-port", "0"]
-        + ["--model", str(tmp_path)],
+def serve_until_exit(*args: str) -> subprocess.CompletedProcess:
+    """`streamscribe serve` expected to stop on its own (a start-up error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "streaming", "serve", "--http-port", "0", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_model_that_cannot_load_stops_the_server(tmp_path):
+    proc = serve_until_exit("--port", "0", "--model", str(tmp_path))
     assert proc.returncode == 2
     assert "cannot tell the model family" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -119,25 +123,6 @@ def test_port_in_use_is_one_clear_line():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "streaming",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--http-port",
-                "0",
-                "--model",
-                "noop",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = serve_until_exit("--host", "127.0.0.1", "--port", str(port), "--model", "noop")
     assert proc.returncode == 2
     assert "cannot listen" in proc.stderr and "Traceback" not in proc.stderr
