@@ -154,6 +154,29 @@ def build_tiny_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def fill_seeded(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Seeded values in every floating-point tensor, in state-dict order: norm gains near 1,
+    BN variances in [0.5, 1.5), small biases and means, weights scaled by their fan-in (an
+    embedding's by its width). Shared by the tiny NAR and AR checkpoints."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            shape = tensor.shape
+            if name.endswith("running_var"):
+                value = 0.5 + torch.rand(shape, generator=gen)
+            elif "norm" in name.lower() and name.endswith("weight"):
+                value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            elif name.endswith("bias") or name.endswith("running_mean"):
+                value = 0.1 * torch.randn(shape, generator=gen)
+            elif tensor.dim() >= 2:
+                fan_in = shape[-1] if "embed" in name else math.prod(shape[1:])
+                value = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+            else:
+                value = 0.5 * torch.randn(shape, generator=gen)
+            tensor.copy_(value)
+
+
 def randomise(model: GraniteSpeechNar, seed: int) -> GraniteSpeechNar:
     """Fill every tensor with seeded random values that exercise the whole model: norms that
     are not identity, BN statistics that are not 0/1, a char head whose blank is not always
@@ -162,22 +185,7 @@ def randomise(model: GraniteSpeechNar, seed: int) -> GraniteSpeechNar:
     gen = torch.Generator().manual_seed(seed)
     cfg = model.cfg
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if not tensor.is_floating_point():
-                continue
-            shape = tensor.shape
-            if name.endswith("running_var"):
-                value = 0.5 + torch.rand(shape, generator=gen)
-            elif "norm" in name and name.endswith("weight"):
-                value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif name.endswith("bias") or name.endswith("running_mean"):
-                value = 0.1 * torch.randn(shape, generator=gen)
-            elif tensor.dim() >= 2:
-                fan_in = math.prod(shape[1:]) if "embed" not in name else shape[-1]
-                value = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
-            else:
-                value = torch.randn(shape, generator=gen) * 0.5
-            tensor.copy_(value)
+        fill_seeded(model, gen)
         model.encoder.out.bias[0] += 1.0
         favoured = torch.randint(2, cfg.encoder.bpe_output_dim, (6,), generator=gen)
         model.encoder.out_bpe.bias[favoured] += 2.5

@@ -10,7 +10,6 @@ Run `python -m engine.testing_ar OUT_DIR` to write one.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from .granite_ar.checkpoint import quiet_progress
 from .granite_ar.prompt import AUDIO_TOKEN, END_OF_ROLE, END_OF_TEXT, START_OF_ROLE
-from .testing import TINY_VOCAB, build_tiny_tokenizer, tiny_config_dict
+from .testing import TINY_VOCAB, build_tiny_tokenizer, fill_seeded, tiny_config_dict
 
 # The NAR tokenizer's ids (pad 0, end_of_text 1, BPE up to 319), then the two chat-template
 # role tokens and, last as in the real 100353-id vocabulary, the audio placeholder.
@@ -94,22 +93,7 @@ def randomise(model: torch.nn.Module, seed: int, tokenizer: Tokenizer) -> torch.
     then the gains above."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if not tensor.is_floating_point():
-                continue
-            shape = tensor.shape
-            if name.endswith("running_var"):
-                value = 0.5 + torch.rand(shape, generator=gen)
-            elif "norm" in name.lower() and name.endswith("weight"):
-                value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif name.endswith("bias") or name.endswith("running_mean"):
-                value = 0.1 * torch.randn(shape, generator=gen)
-            elif tensor.dim() >= 2:
-                fan_in = shape[-1] if "embed" in name else math.prod(shape[1:])
-                value = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
-            else:
-                value = 0.5 * torch.randn(shape, generator=gen)
-            tensor.copy_(value)
+        fill_seeded(model, gen)
         model.model.projector.linear.weight *= AUDIO_GAIN
         word_starts = [i for token, i in tokenizer.get_vocab().items() if token.startswith("Ġ")]
         model.lm_head.weight[word_starts] *= WORD_START_GAIN
