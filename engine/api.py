@@ -17,24 +17,31 @@ TARGET_SAMPLE_RATE = 16000
 
 
 @dataclass(frozen=True)
-class Segment:
-    """One piece of mono audio to recognise.
-
-    `audio` may be any numeric dtype (int16 is scaled by 1/32768, floats are taken as [-1, 1]);
-    `sample_rate` other than 16 kHz is resampled by the engine.
-    """
-
-    audio: np.ndarray
-    sample_rate: int = TARGET_SAMPLE_RATE
-    hotwords: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class Word:
     word: str
     start_ms: int
     end_ms: int
     confidence: float
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of mono audio to recognise.
+
+    `audio` may be any numeric dtype (int16 is scaled by 1/32768, floats are taken as [-1, 1]);
+    `sample_rate` other than 16 kHz is resampled by the engine.
+
+    `prefix`: words already known to be spoken at the start of the audio, with their times in
+    it (a partial's left context: text the client was shown as committed). A family with a
+    text decoder may continue from them instead of deciding them again; one whose draft is
+    frame-local (CTC) ignores them. Either way the hypothesis covers the whole audio, and a
+    family that decodes from the prefix returns the prefix words first, exactly as given.
+    """
+
+    audio: np.ndarray
+    sample_rate: int = TARGET_SAMPLE_RATE
+    hotwords: tuple[str, ...] = ()
+    prefix: tuple[Word, ...] = ()
 
 
 @dataclass(frozen=True)

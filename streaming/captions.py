@@ -10,14 +10,12 @@ in the file), so captions use only text that does not flicker: the stable prefix
 - hold-back: while a segment is open its last `hold_back_words` committed words are held, so a
   cue does not close on half a phrase that the next words or the final would change;
 - final (reconciliation): the final is the model's best text and replaces the committed words
-  not released yet. Released words stay as they are and stand for the first words of the final
-  that they align with (fewest word edits, case and punctuation ignored; an alignment that ends
-  on the last released word counts one edit less and wins a tie, so the text goes on from the
-  word on screen; other ties go to the end nearest in time to the last released word: draft and
-  final word times differ by hundreds of milliseconds, so time alone would repeat or drop
-  words); the final's words after those are released. Final words before that point which no
-  caption showed are lost. A released word that the final contradicts (substitutes or drops, as
-  `stability.changed_words` counts) is a *correction*: counted, never retracted;
+  not released yet. Released words stay as they are; the captions go on with the final's words
+  after the last released word that the final still has (`stability.resume_point`: fewest word
+  edits, case and punctuation ignored), so no released word is repeated and no final word after
+  it is lost. A released word that the final contradicts (substitutes or drops, as
+  `stability.changed_words` counts) is a *correction*: counted, never retracted; a final word
+  inserted before the last released one cannot be shown any more;
 - order: a channel's segments are released in order; a segment's words wait while an earlier
   segment still waits for its final. A failed final releases the committed words as they are.
 
@@ -61,7 +59,7 @@ from typing import NamedTuple, Protocol
 
 from engine.api import Word
 from streaming.events import CaptionAppend, CaptionCue
-from streaming.stability import changed_words, word_key
+from streaming.stability import changed_words, resume_point, word_key
 
 MODES = ("off", "rollup", "popon")
 PRESETS = (32, 37, 42)
@@ -372,32 +370,6 @@ class _Segment:
     done: bool = False  # the final (or its failure) is known
 
 
-def _covered(shown: Sequence[Word], final: Sequence[Word]) -> int:
-    """How many of the final's first words the released words stand for (module doc)."""
-    if not shown or not final:
-        return 0
-    old, new = [word_key(w.word) for w in shown], [word_key(w.word) for w in final]
-    # row[j]: edits to align the released words with final[:j]. The final mostly repeats them,
-    # and with the first p words in common, those edits are the edits between the rests for
-    # j >= p; for j < p, final[:j] is a prefix of them: len(old) - j edits.
-    p = 0
-    while p < len(old) and p < len(new) and old[p] == new[p]:
-        p += 1
-    row = list(range(len(new) - p + 1))
-    for i, key in enumerate(old[p:], 1):
-        above, row = row, [i] + [0] * (len(new) - p)
-        for j, other in enumerate(new[p:], 1):
-            row[j] = min(above[j - 1] + (key != other), above[j] + 1, row[j - 1] + 1)
-    row = [len(old) - j for j in range(p)] + row
-    last = shown[-1].end_ms
-    ends = [final[0].start_ms] + [w.end_ms for w in final]
-    anchored = [False] + [key == old[-1] for key in new]  # ends on the last released word
-    return min(
-        range(len(new) + 1),
-        key=lambda j: (row[j] - anchored[j], not anchored[j], abs(ends[j] - last)),
-    )
-
-
 class CaptionSegmenter:
     """One channel: committed words in, in time order, released words to a display.
 
@@ -435,11 +407,11 @@ class CaptionSegmenter:
         segment.done = True
         if words is not None:
             shown = segment.committed[: segment.released]
-            covered = _covered(shown, words)
+            resume = resume_point(shown, words)
             self.corrections += changed_words(
-                [w.word for w in shown], [w.word for w in words[:covered]]
+                [w.word for w in shown], [w.word for w in words[:resume]]
             )
-            segment.committed = shown + list(words[covered:])
+            segment.committed = shown + list(words[resume:])
         return self._release()
 
     def _release(self) -> list[CaptionEvent]:

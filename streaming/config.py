@@ -127,6 +127,7 @@ class SessionConfig:
     language: str = "en"
     interim_results: bool = True
     partial_interval_ms: int = setting(400, ge=100)
+    partial_window_ms: int = setting(1000, ge=0)
     vad_frame_ms: int = setting(20, allowed=(10, 20, 30))
     vad_aggressiveness: int = setting(2, allowed=(0, 1, 2, 3))
     speech_pad_ms: int = setting(300, ge=0, le=2000)

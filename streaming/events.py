@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.api import Word
+from streaming.stability import WHOLE_SEGMENT, Window
 
 
 @dataclass(frozen=True)
@@ -138,5 +139,6 @@ class EngineRequest:
     channel: int
     segment_id: int
     rev: int
-    audio: np.ndarray  # float32 mono 16 kHz
+    audio: np.ndarray  # float32 mono 16 kHz: the whole segment, or a partial's window of it
     hotwords: tuple[str, ...] = ()
+    window: Window = WHOLE_SEGMENT  # which part of the segment `audio` is (partials)

@@ -437,7 +437,11 @@ class Connection:
             Request(
                 item.kind,
                 (self.id, item.channel, item.segment_id),
-                Segment(np.asarray(item.audio, dtype=np.float32), hotwords=item.hotwords),
+                Segment(
+                    np.asarray(item.audio, dtype=np.float32),
+                    hotwords=item.hotwords,
+                    prefix=item.window.prefix,
+                ),
                 done,
             )
         )

@@ -42,6 +42,10 @@ def ms(samples: int) -> int:
     return samples * 1000 // TARGET_SAMPLE_RATE
 
 
+def to_samples(milliseconds: int) -> int:
+    return milliseconds * TARGET_SAMPLE_RATE // 1000
+
+
 @dataclass
 class PendingFinal:
     start_sample: int
@@ -250,13 +254,20 @@ class Session:
         if covered - channel.partial_audio_ms.get(segment_id, 0) < self.options.partial_interval_ms:
             return []
         # A segment opens with speech, or continues speech after a split at the maximum length.
-        if segment_id not in channel.trackers:
-            channel.trackers[segment_id] = StabilityTracker(self.stability)
+        tracker = channel.trackers.get(segment_id)
+        if tracker is None:
+            tracker = channel.trackers[segment_id] = StabilityTracker(self.stability)
         rev = channel.partial_rev.get(segment_id, 0) + 1
         channel.partial_rev[segment_id] = rev
         channel.partial_audio_ms[segment_id] = covered
-        audio = channel.segmenter.open_segment().audio
-        return [EngineRequest("partial", channel.index, segment_id, rev, audio, self.hotwords)]
+        # Only the audio after the committed words, with a little context, is decoded again.
+        window = tracker.window(self.options.partial_window_ms)
+        audio = channel.segmenter.open_segment().audio[to_samples(window.start_ms) :]
+        return [
+            EngineRequest(
+                "partial", channel.index, segment_id, rev, audio, self.hotwords, window=window
+            )
+        ]
 
     def _on_partial(
         self, channel: ChannelState, request: EngineRequest, hypothesis: Hypothesis | None
@@ -269,7 +280,8 @@ class Session:
         if span is None or span[0] != request.segment_id:
             return []
         channel.shown_rev[request.segment_id] = request.rev
-        partial = tracker.update(hypothesis.words, ms(len(request.audio)))
+        covered = request.window.start_ms + ms(len(request.audio))
+        partial = tracker.update(hypothesis.words, covered, request.window)
         self.stats.partials_sent += 1
         start_ms = ms(span[1])
         words = _shift([*partial.stable, *partial.volatile], start_ms)
@@ -279,7 +291,7 @@ class Session:
                 segment_id=request.segment_id,
                 rev=partial.rev,
                 start_ms=start_ms,
-                end_ms=start_ms + ms(len(request.audio)),
+                end_ms=start_ms + covered,
                 stable_text=partial.stable_text,
                 volatile_text=partial.volatile_text,
                 words=words,

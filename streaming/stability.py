@@ -1,26 +1,37 @@
-"""Stable prefix / volatile tail of the partial transcripts of one open segment.
+"""Committed text (stable prefix) and volatile tail of the partial transcripts of one open segment.
 
-Each partial is a fresh hypothesis of the whole segment so far, so its words may disagree with
-what was shown before. Clients (and the caption segmenter) need a part that never flickers: the
-stable prefix, which only grows within a segment, followed by a volatile tail that may change.
+Each partial is a fresh hypothesis of the open segment, or of its last part (a window), so its
+words may disagree with what was shown before. Clients and captions need a part that never
+flickers and is never wrong in a way a later message must undo: the committed words, which only
+grow within a segment, followed by a volatile tail that may change.
+
+The invariant (checked by property tests): words are committed in order, each word of a
+hypothesis at most once and none skipped; at every commit the committed words equal a word
+prefix of the hypothesis they were committed from (case, punctuation and the spaces between
+words aside: "old-fashioned" may be committed as "old" + "fashioned" by a later hypothesis).
 
 Rules (`StabilityTracker.update`):
 
-- Words are compared by `word_key`: case and punctuation are ignored ("Hello," == "hello").
-- Alignment by time: a word of the new hypothesis whose midpoint lies before the end of the last
-  stable word is covered by the stable prefix and dropped; the rest, in order, is the candidate
-  tail. A hypothesis shorter than the stable prefix (in words or in time) simply gives a shorter
-  or empty tail; the stable prefix stays as it was.
+- Window: a partial decodes the audio from a little before the last committed words
+  (`window(context_ms)`); the committed words inside it are its `prefix`, which a text decoder
+  continues from. The hypothesis of a window is the committed words before it followed by the
+  window's words.
+- Anchoring: a hypothesis can commit only when its words start with the committed words (by
+  `word_key`, compared as one string so that splits and merges still match; a window may start
+  with one stray word, a fragment of audio before its prefix). The rest is the tail. A
+  hypothesis that does not start with them (the model changed its mind about committed words)
+  commits nothing: its tail, shown as volatile, is its words whose midpoint lies after the last
+  committed word, a guess by time.
 - Agreement: tail word i is agreed when tail words 0..i (the word and its left context) have
-  been identical in `agreement` consecutive partials. A word seen at the same index after a
-  different word is a coincidence, not agreement (the LocalAgreement rule of streaming ASR).
+  been identical in `agreement` consecutive anchored partials. A word seen at the same index
+  after a different word is a coincidence, not agreement (the LocalAgreement rule).
 - Settling: a tail word is settled when `settle_ms` of audio follows it
   (`word.end_ms <= audio_ms - settle_ms`); no later partial is likely to revise it.
-- The longest leading run of tail words that are agreed or settled joins the stable prefix, so
-  the stable words are always a contiguous prefix.
+- The longest leading run of tail words that are agreed or settled is committed.
 - Spelling: a volatile word shows its latest spelling; a word is committed with the spelling and
   times of the hypothesis that commits it and then frozen (captions may have printed it). The
-  final is authoritative and carries the model's last spelling.
+  final is authoritative and carries the model's last spelling; what was committed and shown
+  goes on after the last committed word that the final still has (`resume_point`).
 """
 
 from __future__ import annotations
@@ -98,6 +109,41 @@ def _kept(old: Sequence[str], new: Sequence[str]) -> list[bool]:
     return kept
 
 
+def resume_point(shown: Sequence[Word], final: Sequence[Word]) -> int:
+    """Where text that was shown and cannot be taken back goes on in a segment's final.
+
+    The shown words stand for the first words of the final that they align with (fewest word
+    edits, case and punctuation ignored); the result is the index of the final word after
+    those. An alignment that ends on the last shown word counts one edit less and wins a tie,
+    so the text goes on from the word on screen and never repeats it; other ties go to the end
+    nearest in time to the last shown word (draft and final word times differ by hundreds of
+    milliseconds, so time alone would repeat or drop words). Final words before that point
+    which were not shown cannot be shown any more.
+    """
+    if not shown or not final:
+        return 0
+    old, new = [word_key(w.word) for w in shown], [word_key(w.word) for w in final]
+    # row[j]: edits to align the released words with final[:j]. The final mostly repeats them,
+    # and with the first p words in common, those edits are the edits between the rests for
+    # j >= p; for j < p, final[:j] is a prefix of them: len(old) - j edits.
+    p = 0
+    while p < len(old) and p < len(new) and old[p] == new[p]:
+        p += 1
+    row = list(range(len(new) - p + 1))
+    for i, key in enumerate(old[p:], 1):
+        above, row = row, [i] + [0] * (len(new) - p)
+        for j, other in enumerate(new[p:], 1):
+            row[j] = min(above[j - 1] + (key != other), above[j] + 1, row[j - 1] + 1)
+    row = [len(old) - j for j in range(p)] + row
+    last = shown[-1].end_ms
+    ends = [final[0].start_ms] + [w.end_ms for w in final]
+    anchored = [False] + [key == old[-1] for key in new]  # ends on the last released word
+    return min(
+        range(len(new) + 1),
+        key=lambda j: (row[j] - anchored[j], not anchored[j], abs(ends[j] - last)),
+    )
+
+
 def changed_words(shown: Sequence[str], later: Sequence[str]) -> int:
     """How many words of `shown` a later text contradicts (substitutes or drops).
 
@@ -150,6 +196,22 @@ class FinalText:
         return _join(self.words)
 
 
+@dataclass(frozen=True)
+class Window:
+    """The audio a partial decodes: from `start_ms` of the segment to its end so far.
+
+    `first` is the index of the first committed word inside it and `prefix` those committed
+    words with times from `start_ms` (what a text decoder continues from).
+    """
+
+    start_ms: int = 0
+    first: int = 0
+    prefix: tuple[Word, ...] = ()
+
+
+WHOLE_SEGMENT = Window()
+
+
 class StabilityTracker:
     """Turns the successive hypotheses of one open segment into partials (rules: module doc).
 
@@ -159,7 +221,8 @@ class StabilityTracker:
     def __init__(self, cfg: StabilityConfig | None = None) -> None:
         self._cfg = cfg or StabilityConfig()
         self._stable: list[Word] = []
-        # The previous partial's volatile tail (as keys), and for each of its words the number of
+        self._stable_keys: list[str] = []
+        # The previous anchored partial's tail (as keys), and for each of its words the number of
         # consecutive partials in which the tail up to and including that word was identical.
         self._tail_keys: list[str] = []
         self._tail_runs: list[int] = []
@@ -171,12 +234,41 @@ class StabilityTracker:
         """The words committed so far (they never change)."""
         return list(self._stable)
 
-    def update(self, words: Sequence[Word], audio_ms: int) -> Partial:
-        """Take a new hypothesis of the whole segment so far, covering `audio_ms` of audio."""
+    def window(self, context_ms: int) -> Window:
+        """Where the next partial's audio starts: `context_ms` before the end of the last
+        committed word, moved back to the end of a committed word so that no committed word is
+        cut; 0 means the whole segment (with every committed word as the prefix)."""
+        stable = self._stable
+        first = 0
+        if context_ms > 0 and stable:
+            target = stable[-1].end_ms - context_ms
+            first = len(stable) - 1
+            while first > 0 and stable[first - 1].end_ms > target:
+                first -= 1
+        start = min(stable[first - 1].end_ms, stable[first].start_ms) if first else 0
+        prefix = tuple(
+            Word(w.word, max(w.start_ms - start, 0), max(w.end_ms - start, 0), w.confidence)
+            for w in stable[first:]
+        )
+        return Window(start, first, prefix)
+
+    def update(
+        self, words: Sequence[Word], audio_ms: int, window: Window = WHOLE_SEGMENT
+    ) -> Partial:
+        """Take a new hypothesis of `window` (word times from its start); the segment so far
+        covers `audio_ms` of audio."""
         self._check_open()
         if audio_ms < 0:
             raise ValueError(f"audio_ms must be >= 0, got {audio_ms}")
-        tail = self._uncovered(words)
+        hypothesis = [
+            Word(w.word, w.start_ms + window.start_ms, w.end_ms + window.start_ms, w.confidence)
+            for w in words
+        ]
+        tail = self._after_committed(hypothesis, window)
+        if tail is None:  # not anchored: show a guess, commit nothing, agreement starts again
+            self._tail_keys, self._tail_runs = [], []
+            self._rev += 1
+            return Partial(self._rev, list(self._stable), self._guess_tail(hypothesis))
         keys = [word_key(w.word) for w in tail]
         # A word agrees with the previous partial when the tails are identical up to it.
         same, previous = 0, self._tail_keys
@@ -190,9 +282,10 @@ class StabilityTracker:
         ):
             commit += 1
         self._stable.extend(tail[:commit])
+        self._stable_keys.extend(keys[:commit])
         self._tail_keys, self._tail_runs = keys[commit:], runs[commit:]
         self._rev += 1
-        return Partial(rev=self._rev, stable=list(self._stable), volatile=list(tail[commit:]))
+        return Partial(rev=self._rev, stable=list(self._stable), volatile=tail[commit:])
 
     def final(self, words: Sequence[Word]) -> FinalText:
         """Close the segment with the model's final hypothesis, which wins over the partials."""
@@ -201,16 +294,45 @@ class StabilityTracker:
         changed = changed_words([w.word for w in self._stable], [w.word for w in words])
         return FinalText(words=list(words), changed_stable=changed)
 
-    def _uncovered(self, words: Sequence[Word]) -> list[Word]:
+    def _after_committed(self, hypothesis: list[Word], window: Window) -> list[Word] | None:
+        """The words of a window's hypothesis after the committed ones, or None when it does not
+        start with them (rules: Anchoring)."""
+        committed = "".join(self._stable_keys[window.first :])
+        keys = [word_key(w.word) for w in hypothesis]
+        for stray in (0, 1) if window.start_ms > 0 else (0,):
+            taken = _spelt_by(committed, keys, stray)
+            if taken is not None:
+                return hypothesis[taken:]
+        return None
+
+    def _guess_tail(self, hypothesis: list[Word]) -> list[Word]:
         if not self._stable:
-            return list(words)
+            return hypothesis
         stable_end = self._stable[-1].end_ms
         # midpoint >= stable_end, in integers
-        return [w for w in words if w.start_ms + w.end_ms >= 2 * stable_end]
+        return [w for w in hypothesis if w.start_ms + w.end_ms >= 2 * stable_end]
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("segment already has its final; start a new StabilityTracker")
+
+
+def _spelt_by(text: str, keys: Sequence[str], start: int) -> int | None:
+    """The index after the words keys[start:end] that spell exactly `text` when joined, or None.
+
+    Words with empty keys (punctuation alone) right after the text are not taken: they belong to
+    the tail.
+    """
+    if start > len(keys):
+        return None
+    spelt = ""
+    for index in range(start, len(keys)):
+        if spelt == text:
+            return index
+        spelt += keys[index]
+        if not text.startswith(spelt):
+            return None
+    return len(keys) if spelt == text else None
 
 
 @dataclass

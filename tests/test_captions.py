@@ -22,7 +22,6 @@ from streaming.captions import (
     CaptionConfig,
     Captions,
     CaptionStore,
-    _covered,
     _layout,
     _pieces,
     cues_from_words,
@@ -31,7 +30,7 @@ from streaming.captions import (
     to_vtt,
 )
 from streaming.events import CaptionAppend, CaptionCue
-from streaming.stability import word_key
+from streaming.stability import resume_point, word_key
 
 
 def timed(text: str, start_ms: int = 0, cps: float = 14.0, gap_ms: int = 40) -> list[Word]:
@@ -449,7 +448,7 @@ def test_pieces_are_the_pieces_by_definition():
 
 
 def covered_by_full_table(shown: list[Word], final: list[Word]) -> int:
-    """`_covered` as first written: every row of the table."""
+    """`resume_point` as first written: every row of the table."""
     if not shown or not final:
         return 0
     old, new = [word_key(w.word) for w in shown], [word_key(w.word) for w in final]
@@ -467,14 +466,14 @@ def covered_by_full_table(shown: list[Word], final: list[Word]) -> int:
     )
 
 
-def test_covered_skips_the_common_start_with_the_same_result():
+def test_resume_point_skips_the_common_start_with_the_same_result():
     rng = random.Random(0)
     for _ in range(5000):
         spoken = rng.choices(["a", "A,", "b", "b.", "c"], k=rng.randint(0, 6))
         shown = timed(" ".join(spoken + rng.choices("abc", k=rng.randint(0, 5))))
         said = " ".join(spoken + rng.choices("abc", k=rng.randint(0, 5)))
         final = timed(said, start_ms=rng.randint(0, 900))
-        assert _covered(shown, final) == covered_by_full_table(shown, final), (shown, final)
+        assert resume_point(shown, final) == covered_by_full_table(shown, final), (shown, final)
 
 
 # --- writers and the store -------------------------------------------------------------------

@@ -326,3 +326,34 @@ def test_engine_failure_fails_the_item(speech):
         and "engine exploded" in failed["error"]["message"]
     )
     assert not of_type(events, COMPLETED)
+
+
+def test_deltas_go_on_after_the_last_sent_word_the_final_still_has():
+    """Sans-I/O: stable words go out as deltas; a final that disagrees with them neither
+    repeats a sent word nor loses a word after the last one it still has (counting words
+    would have sent "Dashwood had then" again)."""
+    from engine.api import Word
+    from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
+    from streaming.events import FinalTranscript, Latency, PartialTranscript, SpeechStarted
+
+    def timed(text: str, start_ms: int = 0) -> list[Word]:
+        return [Word(w, start_ms + 300 * i, start_ms + 300 * i + 250, 0.9) for i, w in
+                enumerate(text.split())]
+
+    dialect = OpenAIRealtimeDialect()
+    dialect.vad = True
+    sent: list[str] = []
+    for event in [
+        SpeechStarted(0, 0, 0),
+        PartialTranscript(0, 0, 1, 0, 1200, "John Dashwood", "had", timed("John Dashwood had")),
+        PartialTranscript(
+            0, 0, 2, 0, 1500, "John Dashwood had", "then", timed("John Dashwood had then")
+        ),
+        # the final found two words before the sent ones, and one after them
+        FinalTranscript(
+            0, 0, 0, 2000, "And Mr. John Dashwood had then",
+            timed("And Mr. John Dashwood had then"), 0.9, Latency(0, 0, 0), "endpoint",
+        ),
+    ]:
+        sent += [json.loads(m)["delta"] for m in dialect.encode(event) if DELTA in m]
+    assert "".join(sent).split() == ["John", "Dashwood", "had", "then"]

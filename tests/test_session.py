@@ -227,3 +227,59 @@ def test_late_partial_after_final_is_ignored(speech):
     assert held and driver.of(FinalTranscript)
     for request in held:
         assert session.on_result(request, fake_words(request.audio)) == []
+
+
+def slot_words(request: EngineRequest) -> Hypothesis:
+    """A recogniser that is always right: one word per 300 ms slot of the segment, named by the
+    slot, with times from the start of the audio it was given (a window of the segment)."""
+    offset = request.window.start_ms
+    duration = len(request.audio) * 1000 // RATE
+    first, last = -(-offset // WORD_MS), (offset + duration) // WORD_MS
+    words = [
+        Word(f"w{k}", k * WORD_MS - offset, (k + 1) * WORD_MS - offset, 0.9)
+        for k in range(first, last)
+    ]
+    return Hypothesis(" ".join(w.word for w in words), words=words, duration_ms=duration)
+
+
+@pytest.mark.parametrize("window_ms", [0, 600, 1000])
+def test_partials_decode_a_window_after_the_committed_words(speech, window_ms):
+    session = Session("s1", SessionConfig(partial_window_ms=window_ms))
+    requests: list[EngineRequest] = []
+    partials: list[PartialTranscript] = []
+
+    def answer(outputs) -> None:
+        for item in outputs:
+            if isinstance(item, EngineRequest):
+                requests.append(item)
+                answer(session.on_result(item, slot_words(item)))
+            elif isinstance(item, PartialTranscript):
+                partials.append(item)
+
+    answer(session.start())
+    for chunk in chunks(to_s16le(speech[0]), RATE * 2 // 10):
+        answer(session.feed_audio(chunk))
+    answer(session.close())
+    asked = [r for r in requests if r.kind == "partial"]
+    assert len(asked) > 10
+    # committed words: exactly the slots in order, each once, whatever the window
+    stable = partials[-1].stable_text.split()
+    assert len(stable) > 10
+    assert stable == [f"w{k}" for k in range(len(stable))]
+    for earlier, later in zip(partials, partials[1:], strict=False):
+        assert later.stable_text.startswith(earlier.stable_text)
+    for request in asked:
+        if window_ms == 0:
+            assert request.window.start_ms == 0
+        else:
+            # the window starts at most `window_ms` before the end of the committed words it
+            # holds as its prefix, so its audio stays short however long the segment grows
+            prefix = request.window.prefix
+            if prefix:
+                assert prefix[-1].end_ms - prefix[0].start_ms <= window_ms + WORD_MS
+                assert prefix[0].start_ms >= 0
+    longest = max(len(r.audio) for r in asked) * 1000 // RATE
+    if window_ms:
+        assert longest < 4000  # the clip is ~7 s: the window never grew with the segment
+    else:
+        assert longest > 6000

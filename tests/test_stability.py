@@ -118,9 +118,12 @@ def test_scripted_sequence_of_partials():
         ("the cap sat on", ("the cap sat", "on")),
         # the tail revised
         ("the cap sat in a", ("the cap sat", "in a")),
-        # a stable word contradicted: the stable prefix stays, the tail still commits
-        ("a cat sat in a mat", ("the cap sat in a", "mat")),
-        ("the cat sat in a hat", ("the cap sat in a", "hat")),
+        # a committed word contradicted: nothing commits, the tail is a guess by time
+        ("a cat sat in a mat", ("the cap sat", "in a mat")),
+        ("the cat sat in a hat", ("the cap sat", "in a hat")),
+        # the committed words again: agreement starts over
+        ("the cap sat in a hat", ("the cap sat", "in a hat")),
+        ("the cap sat in a hat", ("the cap sat in a hat", "")),
     ]
     for rev, (hypothesis, expected) in enumerate(script, start=1):
         partial = tracker.update(words(hypothesis), audio_ms=rev * 400)
@@ -165,8 +168,10 @@ def test_stable_word_keeps_the_spelling_it_was_committed_with():
 def test_agreement_one_makes_every_word_stable_at_once():
     tracker = StabilityTracker(StabilityConfig(agreement=1, settle_ms=NO_SETTLE))
     assert texts(tracker.update(words("the cat"), 600)) == ("the cat", "")
-    # a disagreeing hypothesis cannot change them; what lies after them commits at once
-    assert texts(tracker.update(words("a bat sat"), 900)) == ("the cat sat", "")
+    # a disagreeing hypothesis cannot change them, nor commit what lies after them
+    assert texts(tracker.update(words("a bat sat"), 900)) == ("the cat", "sat")
+    # once a hypothesis starts with them again, what follows commits at once
+    assert texts(tracker.update(words("The cat, sat"), 900)) == ("the cat sat", "")
 
 
 def test_settled_words_become_stable_without_agreement():
@@ -192,10 +197,10 @@ def test_stable_words_are_a_contiguous_prefix():
     assert texts(tracker.update(hypothesis, audio_ms=1500)) == ("", "late early")
 
 
-def test_new_words_are_aligned_to_the_stable_prefix_by_time():
+def test_new_words_follow_the_committed_words_by_spelling_not_time():
     hypothesis = [
-        Word("thecat", 0, 480, 0.8),  # midpoint 240 < 500: covered
-        Word("on", 400, 600, 0.8),  # midpoint 500, not before the end: kept
+        Word("thecat", 0, 480, 0.8),  # "the" + "cat" merged: the same letters
+        Word("on", 100, 300, 0.8),  # re-timed inside the committed words' time: still new
         Word("sat", 600, 800, 0.8),
     ]
     tracker = StabilityTracker(StabilityConfig(agreement=2, settle_ms=NO_SETTLE))
@@ -211,9 +216,12 @@ def test_hypothesis_shorter_than_the_stable_prefix():
     # fewer words, all inside the stable prefix's time: nothing new to show
     partial = tracker.update(words("one two"), 1300)
     assert texts(partial) == ("one two three four", "")
-    # fewer words, but one of them reaches past the stable prefix: only that one is new
+    # a hypothesis that lost "four": "five" is shown past the committed words, not committed
     merged = [Word("onetwothree", 0, 850, 0.5), Word("five", 1200, 1400, 0.5)]
-    assert texts(tracker.update(merged, 1500)) == ("one two three four five", "")
+    assert texts(tracker.update(merged, 1500)) == ("one two three four", "five")
+    split = [*words("one two three"), Word("fo", 900, 1000, 0.5), Word("ur", 1000, 1150, 0.5)]
+    five = Word("five", 1200, 1400, 0.5)
+    assert texts(tracker.update([*split, five], 1600)) == ("one two three four five", "")
 
 
 def test_empty_hypotheses():

@@ -42,6 +42,7 @@ CLOSE_BAD_CONFIG = 4001
 UPDATABLE = {
     "interim_results",
     "partial_interval_ms",
+    "partial_window_ms",
     "stable_agreement",
     "stable_settle_ms",
     "language",

@@ -10,7 +10,8 @@ An item is one turn: with server VAD, speech start to speech stop (a split at th
 maximum segment length stays inside the item); with `turn_detection: null`, all speech between
 two commits. Deltas only carry text that is never retracted: the stable prefix of the partials
 while the person speaks, then the rest of the final. When the final disagrees with words already
-sent (rare), `...completed` carries the final's transcript and is authoritative.
+sent (rare), deltas go on after the last sent word the final still has (never repeating one),
+and `...completed` carries the final's transcript, which is authoritative.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from engine.api import Word
 from streaming.config import ConfigError, SessionConfig, override_section
 from streaming.dialects.base import (
     Audio,
@@ -43,6 +45,7 @@ from streaming.events import (
     SpeechStarted,
     SpeechStopped,
 )
+from streaming.stability import resume_point
 
 # Wire format -> (session encoding, sample rate, bytes per millisecond).
 FORMATS = {
@@ -71,10 +74,10 @@ class _Item:
     last: int | None = None
     committed: bool = False
     discarded: bool = False
-    stable: dict[int, list[str]] = field(default_factory=dict)  # segment -> stable words
-    finals: dict[int, list[str]] = field(default_factory=dict)  # segment -> final words
+    stable: dict[int, list[Word]] = field(default_factory=dict)  # segment -> stable words
+    finals: dict[int, list[Word]] = field(default_factory=dict)  # segment -> final words
     failed: str = ""
-    sent: int = 0  # words already sent in deltas
+    sent: list[Word] = field(default_factory=list)  # words already sent in deltas
     audio_ms: int = 0
 
 
@@ -291,13 +294,13 @@ class OpenAIRealtimeDialect:
             item = self._item_for(event.segment_id)
             if item is None:
                 return []
-            item.stable[event.segment_id] = event.stable_text.split()
+            item.stable[event.segment_id] = event.words[: len(event.stable_text.split())]
             return self._progress(item)
         if isinstance(event, FinalTranscript):
             item = self._item_for(event.segment_id)
             if item is None:
                 return []
-            item.finals[event.segment_id] = event.text.split()
+            item.finals[event.segment_id] = event.words
             item.audio_ms += event.end_ms - event.start_ms
             return self._progress(item)
         if isinstance(event, ErrorEvent):
@@ -351,7 +354,7 @@ class OpenAIRealtimeDialect:
         """New words as a delta, and the transcript once every segment of a committed item has
         its final. Words of the first segment still open are its stable prefix."""
         last = self.max_segment if item.last is None else item.last
-        words: list[str] = []
+        words: list[Word] = []
         complete = item.committed or (item.discarded and item.last is not None)
         for segment in range(item.first, last + 1):
             if segment in item.finals:
@@ -365,10 +368,14 @@ class OpenAIRealtimeDialect:
                 self.items.remove(item)
             return []
         out = []
-        if len(words) > item.sent:
-            delta = " ".join(words[item.sent :])
+        # A final that disagrees with words already sent goes on after the last of them it has.
+        resume = len(item.sent) if words[: len(item.sent)] == item.sent else None
+        if resume is None:
+            resume = resume_point(item.sent, words)
+        if len(words) > resume:
+            delta = " ".join(w.word for w in words[resume:])
             out.append(self._item_event("delta", item, delta=" " + delta if item.sent else delta))
-            item.sent = len(words)
+            item.sent += words[resume:]
         if complete:
             self.items.remove(item)
             if item.failed:
@@ -376,9 +383,8 @@ class OpenAIRealtimeDialect:
                 out.append(self._item_event("failed", item, error=error))
             else:
                 usage = {"type": "duration", "seconds": item.audio_ms / 1000}
-                out.append(
-                    self._item_event("completed", item, transcript=" ".join(words), usage=usage)
-                )
+                transcript = " ".join(w.word for w in words)
+                out.append(self._item_event("completed", item, transcript=transcript, usage=usage))
         return out
 
     def _error(self, event: ErrorEvent) -> list[dict]:
