@@ -7,6 +7,7 @@ families can be swapped without touching anything above `engine/`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,6 +15,19 @@ from typing import Protocol
 import numpy as np
 
 TARGET_SAMPLE_RATE = 16000
+
+# Lengths of audio that the scheduler batches together, in seconds: partials share a batch only
+# within one bucket, so a short partial is never padded to a long one's length.
+LENGTH_BUCKETS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def length_bucket(seconds: float) -> float:
+    """The smallest bucket that holds `seconds` of audio (multiples of the largest beyond it)."""
+    for bound in LENGTH_BUCKETS_S:
+        if seconds <= bound:
+            return bound
+    top = LENGTH_BUCKETS_S[-1]
+    return top * math.ceil(seconds / top)
 
 
 @dataclass(frozen=True)

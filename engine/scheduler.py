@@ -1,7 +1,9 @@
 """The cross-stream batching worker: the only caller of a model.
 
 Requests from every session land in two queues. One worker thread owns the engine and repeatedly
-takes a batch: finals first (oldest first, never dropped), then partials with what room is left.
+takes a batch: finals first (oldest first, never dropped), else partials: the oldest and others
+of similar length (one length bucket), so one stream's partial does not wait for, nor get padded
+to, another's much longer audio.
 A partial is dropped, never computed, when a newer partial or the final of its segment arrives,
 or when it has waited longer than `partial_deadline_ms` (the engine is behind: shed partials
 first). An exception in a batch fails only the requests in it.
@@ -20,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .api import Engine, Hypothesis, Segment
+from .api import Engine, Hypothesis, Segment, length_bucket
 
 log = logging.getLogger("engine.scheduler")
 
@@ -216,7 +218,10 @@ class Scheduler:
         return batch
 
     def _take_partials(self, cfg: SchedulerConfig) -> list[Request]:
-        queue = deque(self._partials.values())
+        """The oldest partial and the oldest others of its length bucket (`length_bucket`), so
+        a partial never waits behind, or is padded to, much longer audio."""
+        bucket = length_bucket(next(iter(self._partials.values())).audio_s)
+        queue = deque(r for r in self._partials.values() if length_bucket(r.audio_s) == bucket)
         batch = self._take(queue, cfg)
         for req in batch:
             del self._partials[req.key]

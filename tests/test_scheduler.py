@@ -208,3 +208,29 @@ def test_a_batch_waits_at_most_max_wait_and_goes_as_soon_as_it_is_full():
         assert time.monotonic() - started < 0.8 and engine.calls[-1] == ("transcribe", [20] * 4)
     finally:
         sched.stop(timeout=10)
+
+
+def test_partials_are_batched_within_one_length_bucket():
+    engine = FakeEngine()
+    sched = Scheduler(engine, SchedulerConfig(max_batch=8, max_wait_ms=0))
+    done = Collector()
+    seconds = (1.5, 7.0, 1.8, 3.0, 1.2, 6.0)
+    for i, s in enumerate(seconds):
+        sched.submit(Request("partial", i, seg(int(s * 16000)), done))
+    while sched.run_once():
+        pass
+    # oldest first; each batch holds only partials of the oldest one's bucket (<= 2, 8, 4 s)
+    assert engine.calls == [
+        ("draft", [24000, 28800, 19200]),
+        ("draft", [112000, 96000]),
+        ("draft", [48000]),
+    ]
+    assert len(done.by_status("done")) == len(seconds)
+
+
+def test_length_buckets():
+    from engine.api import LENGTH_BUCKETS_S, length_bucket
+
+    assert [length_bucket(s) for s in (0.0, 1.0, 1.01, 3.9, 16.0, 31.9)] == [1, 1, 2, 4, 16, 32]
+    assert length_bucket(33.0) == 64 and length_bucket(100.0) == 128
+    assert list(LENGTH_BUCKETS_S) == sorted(LENGTH_BUCKETS_S)
