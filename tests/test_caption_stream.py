@@ -277,3 +277,74 @@ def test_real_speech_captions_at_real_time(capsys):
         )
     # The target is 3 s; on a CPU shared with other work the engine's own latency dominates.
     assert p95["cue"] <= 10.0 and p95["append"] <= 10.0
+
+
+def doubled_words(words: list[str], reference: list[str]) -> int:
+    """Words that repeat the word before them more often than `reference` has such repeats."""
+    def repeats(seq: list[str]) -> int:
+        return sum(a == b for a, b in zip(seq, seq[1:], strict=False))
+
+    return max(0, repeats(words) - repeats(reference))
+
+
+def test_doubled_words_counts_only_repeats_the_reference_lacks():
+    assert doubled_words("leisure to to consider".split(), "leisure to consider".split()) == 1
+    assert doubled_words("that that is".split(), "that that is".split()) == 0
+    assert doubled_words("a b c".split(), "a b b c".split()) == 0
+
+
+def test_rollup_captions_of_real_speech_neither_drop_nor_double_words():
+    """The issue's reproduction: sense_and_sensibility 0870 at real time with roll-up captions
+    through the CPU model, three times. The roll-up text must have no doubled word and at most
+    the final's word errors against the reference (captions used to read "leisure to to
+    consider", "leisure to how much", "Dashwood then" where the finals were right)."""
+    pytest.importorskip("faster_whisper", reason="pip install -e '.[cpu]'")
+    from benchmarks.scoring import normalise
+    from engine.whisper import load_engine
+
+    clip_id, audio, reference = next(c for c in librivox_clips() if c[0].endswith("0870"))
+    pcm = to_s16le(joined([audio], silence_s=1.0))
+
+    async def one_run(gw) -> tuple[list[dict], list[dict]]:
+        events = []
+        async with StreamscribeClient.connect(
+            f"ws://127.0.0.1:{gw.port}", captions_mode="rollup"
+        ) as client:
+            t0 = time.monotonic()
+
+            async def read():
+                async for event in client.events():
+                    events.append(event)
+
+            reader = asyncio.create_task(read())
+            for k, chunk in enumerate(chunks(pcm, RATE * 2 // 10)):
+                await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.1 - time.monotonic()))
+                await client.send_audio(chunk)
+            await client.close()
+            await reader
+        appends = [e for e in events if e["type"] == "caption.append"]
+        finals = [e for e in events if e["type"] == "transcript.final"]
+        return appends, finals
+
+    async def main():
+        async with running(gateway_config(), load_engine("tiny.en"), timeout_s=120) as gw:
+            return [await one_run(gw) for _ in range(3)]
+
+    truth = normalise(reference).split()
+    for appends, finals in asyncio.run(main()):
+        captions = normalise(" ".join(check_rollup(appends))).split()
+        final = normalise(" ".join(f["text"] for f in finals)).split()
+        assert doubled_words(captions, truth) == 0, captions
+        caption_errors = word_errors(truth, captions)
+        assert caption_errors <= word_errors(truth, final), (clip_id, captions, final)
+
+
+
+def word_errors(reference: list[str], hypothesis: list[str]) -> int:
+    """Substitutions + deletions + insertions."""
+    import jiwer
+
+    if not hypothesis:
+        return len(reference)
+    out = jiwer.process_words(" ".join(reference), " ".join(hypothesis))
+    return out.substitutions + out.deletions + out.insertions
