@@ -26,7 +26,10 @@ Rules (`StabilityTracker.update`):
   been identical in `agreement` consecutive anchored partials. A word seen at the same index
   after a different word is a coincidence, not agreement (the LocalAgreement rule).
 - Settling: a tail word is settled when `settle_ms` of audio follows it
-  (`word.end_ms <= audio_ms - settle_ms`); no later partial is likely to revise it.
+  (`word.end_ms <= audio_ms - settle_ms`) and it was agreed by two consecutive partials; it then
+  needs no more of them even when `agreement` asks for more. One partial is never enough:
+  draft word times can be approximate (Whisper's are spread over the audio by length), and a
+  single draft of the first second of a segment is often wrong ("How do you" for "Had he").
 - The longest leading run of tail words that are agreed or settled is committed.
 - Spelling: a volatile word shows its latest spelling; a word is committed with the spelling and
   times of the hypothesis that commits it and then frozen (captions may have printed it). The
@@ -277,8 +280,10 @@ class StabilityTracker:
         runs = [run + 1 for run in self._tail_runs[:same]] + [1] * (len(keys) - same)
         settled_before = audio_ms - self._cfg.settle_ms
         commit = 0
+        settle_runs = min(2, self._cfg.agreement)
         while commit < len(tail) and (
-            runs[commit] >= self._cfg.agreement or tail[commit].end_ms <= settled_before
+            runs[commit] >= self._cfg.agreement
+            or (runs[commit] >= settle_runs and tail[commit].end_ms <= settled_before)
         ):
             commit += 1
         self._stable.extend(tail[:commit])

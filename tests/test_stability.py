@@ -174,9 +174,11 @@ def test_agreement_one_makes_every_word_stable_at_once():
     assert texts(tracker.update(words("The cat, sat"), 900)) == ("the cat sat", "")
 
 
-def test_settled_words_become_stable_without_agreement():
+def test_settled_words_need_two_partials_not_agreement():
     tracker = StabilityTracker(StabilityConfig(agreement=5, settle_ms=1000))
     hypothesis = [Word("a", 0, 300, 0.9), Word("b", 300, 600, 0.9), Word("c", 600, 900, 0.9)]
+    # one partial is never enough, however much audio follows its words
+    assert texts(tracker.update(hypothesis, audio_ms=1500)) == ("", "a b c")
     assert texts(tracker.update(hypothesis, audio_ms=1500)) == ("a", "b c")
     # the boundary is inclusive: end_ms == audio_ms - settle_ms settles
     assert texts(tracker.update(hypothesis, audio_ms=1600)) == ("a b", "c")
@@ -187,7 +189,17 @@ def test_settled_words_become_stable_without_agreement():
 def test_settling_zero_commits_every_word_the_audio_covers():
     tracker = StabilityTracker(StabilityConfig(agreement=5, settle_ms=0))
     hypothesis = [Word("a", 0, 300, 0.9), Word("b", 300, 600, 0.9)]
+    tracker.update(hypothesis, audio_ms=500)
     assert texts(tracker.update(hypothesis, audio_ms=500)) == ("a", "b")
+
+
+def test_a_single_draft_never_commits_by_settling():
+    """The real case: Whisper's first draft of a segment said "How do you" for "Had he", with
+    times spread over the audio, so its first words looked settled."""
+    tracker = StabilityTracker(StabilityConfig(agreement=2, settle_ms=1200))
+    tracker.update(words("Howdy, married, and more."), 1440)
+    partial = tracker.update(words("How do you marry the more Emmio?"), 1840)
+    assert texts(partial) == ("", "How do you marry the more Emmio?")
 
 
 def test_stable_words_are_a_contiguous_prefix():
