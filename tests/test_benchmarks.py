@@ -453,3 +453,40 @@ def test_caption_wer_end_to_end_on_one_clip_with_the_cpu_model(tmp_path, monkeyp
     assert {t["ok"] for t in figures["targets"].values()} <= {True, False}
     assert figures["load"]["server_cpu_s"] > 0 and figures["load"]["wall_s"] > 0
     assert "caption WER" in out and "no doubled word" in out and f"written to {written}" in out
+
+
+def test_partial_cost_measures_windowed_and_whole_segment_partials(monkeypatch, tmp_path, capsys):
+    """With an engine whose cost is the audio it is given, windowed partials cost the same at
+    2 and 8 s of open segment, and whole-segment ones grow with it."""
+    from benchmarks import partial_cost
+    from engine.api import Hypothesis, Word
+
+    decoded: list[int] = []
+
+    class LengthEngine:
+        family, device = "length", "cpu"
+
+        def draft(self, segments):
+            out = []
+            for s in segments:
+                decoded.append(len(s.audio))
+                n = len(s.audio) // 4800  # one word per 300 ms, named by its absolute slot
+                first = len(s.prefix)
+                words = [*s.prefix] + [
+                    Word(f"w{i}", i * 300, i * 300 + 250, 0.9) for i in range(first, n)
+                ]
+                out.append(Hypothesis(" ".join(w.word for w in words), words=words))
+            return out
+
+    monkeypatch.setattr(partial_cost.selection, "load_engine", lambda **_: LengthEngine())
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert partial_cost.main("--windows 1000 0 --lengths 2 8".split()) == 0
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("partial_cost-*.json")]
+    windowed, whole = record["figures"]["window_1000ms"], record["figures"]["whole_segment"]
+    assert windowed["2s"]["partials"] > 0 and windowed["8s"]["partials"] > 0
+    assert windowed["8s"]["decoded_ms"] < 3000  # the window did not grow with the segment
+    assert whole["8s"]["decoded_ms"] > 7000
+    assert record["settings"]["windows"] == [1000, 0]
+    assert "machine_busy_cores" in record["figures"]
+    out = capsys.readouterr().out
+    assert "window_1000ms" in out and "whole_segment" in out and "decodes" in out
