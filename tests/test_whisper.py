@@ -3,6 +3,7 @@ silence and noise, and the parts around the model: sources, devices, loop filter
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from scipy.signal import resample_poly
 
 from benchmarks.scoring import corpus_wer
 from engine import whisper
-from engine.api import ModelLoadError, Segment
+from engine.api import ModelLoadError, Segment, Word
 
 pytest.importorskip("faster_whisper")
 
@@ -244,3 +245,143 @@ def test_hotwords_are_passed_to_the_model(engine, clips):
     reference, audio = clips[0]
     (hyp,) = engine.draft([Segment(audio, hotwords=("Dashwood", "prudently"))])
     assert corpus_wer([reference], [hyp.text]) <= 0.2, hyp.text
+
+
+# --- batched decoding: prefixes, batches, encoder input ---------------------------------------
+
+
+def test_draft_continues_from_the_prefix(engine, clips, finals):
+    """The prefix words come back first, exactly as given, and are not decoded again."""
+    reference, audio = clips[0]
+    prefix = tuple(finals[0].words[:4])  # "And Mr. John Dashwood", with the final's times
+    (hyp,) = engine.draft([Segment(audio, prefix=prefix)])
+    assert all(got is given for got, given in zip(hyp.words, prefix, strict=False))
+    new = hyp.words[4:]
+    assert hyp.text == " ".join(w.word for w in hyp.words)
+    assert [w.word for w in new][:3] == ["had", "then", "leisure"], hyp.text
+    assert corpus_wer([reference], [hyp.text]) <= 0.1, hyp.text
+    assert prefix[-1].end_ms <= new[0].start_ms
+    assert all(a.end_ms <= b.start_ms for a, b in zip(new, new[1:], strict=False))
+    assert new[-1].end_ms == hyp.duration_ms
+    assert hyp.token_ids == engine._tokenizer.encode(" " + hyp.text, add_special_tokens=False).ids
+
+
+def test_draft_keeps_a_prefix_it_would_not_have_written(engine, clips):
+    """The decoder continues from the prefix as given: it is not a suggestion."""
+    reference, audio = clips[4]  # "He might even have been made amiable himself."
+    prefix = (Word("She", 0, 400, 0.5), Word("might", 400, 700, 0.5))
+    (hyp,) = engine.draft([Segment(audio, prefix=prefix)])
+    assert hyp.words[:2] == list(prefix)
+    assert hyp.text.startswith("She might even"), hyp.text
+    (quiet,) = engine.draft([Segment(np.zeros(FIVE_SECONDS), prefix=prefix)])
+    assert quiet.words == list(prefix) and quiet.text == "She might"
+
+
+def test_finals_ignore_the_prefix(engine, clips, finals):
+    prefix = (Word("Nonsense", 0, 500, 1.0),)
+    (hyp,) = engine.transcribe([Segment(clips[0][1], prefix=prefix)])
+    assert hyp.text == finals[0].text
+
+
+def test_a_segment_decodes_the_same_alone_and_in_a_batch(engine, clips, finals):
+    """Batch members with other lengths and prompts (prefixes of other lengths, hotwords)
+    change nothing; the first two share one draft generate call with different prompts."""
+    batch = [
+        Segment(clips[4][1], prefix=tuple(finals[4].words[:2])),
+        Segment(clips[1][1]),
+        Segment(clips[3][1], hotwords=("amiable",)),
+        Segment(np.concatenate([clips[2][1], clips[0][1]])),
+    ]
+    assert len({whisper.encoder_frames(len(s.audio), final=False) for s in batch[:2]}) == 1
+    for decode in (engine.draft, engine.transcribe):
+        alone = [decode([segment])[0].text for segment in batch]
+        assert all(alone) and [h.text for h in decode(batch)] == alone
+
+
+def test_hotwords_with_a_prefix(engine, clips, finals):
+    reference, audio = clips[0]
+    prefix = tuple(finals[0].words[:2])
+    (hyp,) = engine.draft([Segment(audio, hotwords=("Dashwood", "prudently"), prefix=prefix)])
+    assert hyp.words[:2] == list(prefix)
+    assert corpus_wer([reference], [hyp.text]) <= 0.2, hyp.text
+
+
+def test_max_batch_splits_calls_of_one_encoder_length(engine, clips, monkeypatch):
+    """One encode per group of segments with the same encoder length, at most max_batch each."""
+    small = whisper.WhisperEngine(engine._model, device="cpu", max_batch=2)
+    sizes: list[int] = []
+    encode = engine._model.encode
+
+    def counted(features):
+        sizes.append(len(features))
+        return encode(features)
+
+    monkeypatch.setattr(engine._model, "encode", counted)
+    segments = [Segment(audio) for _, audio in clips]  # all 3-7 s: one length for finals
+    texts = [h.text for h in small.transcribe(segments)]
+    assert sizes == [2, 2, 1]
+    sizes.clear()
+    assert [h.text for h in engine.transcribe(segments)] == texts
+    assert sizes == [5]
+
+
+def test_encoder_input_is_trimmed_to_the_segment():
+    second = 16000
+    assert whisper.encoder_frames(2 * second, final=False) == whisper.DRAFT_FRAMES
+    assert whisper.encoder_frames(2 * second, final=True) == whisper.FINAL_FRAMES
+    assert whisper.encoder_frames(8 * second, final=False) == 1000  # 800 frames + margin
+    assert whisper.encoder_frames(15 * second, final=True) == 2000
+    assert whisper.encoder_frames(30 * second, final=True) == 3000  # Whisper's window at most
+
+
+def test_segments_over_30_seconds_go_through_faster_whisper(engine, clips):
+    """Files: faster-whisper cuts them into 30 s windows (the batched path would truncate)."""
+    pause = np.zeros(16000, np.int16)
+    audio = np.concatenate([part for _, clip in clips * 2 for part in (clip, pause)])
+    reference = " ".join(ref for ref, _ in clips * 2)
+    assert len(audio) > 30 * 16000
+    (final,) = engine.transcribe([Segment(audio)])
+    (draft,) = engine.draft([Segment(audio)])
+    assert corpus_wer([reference], [final.text]) <= 0.15, final.text
+    assert corpus_wer([reference], [draft.text]) <= 0.2, draft.text
+    for hyp in (final, draft):
+        assert hyp.duration_ms == len(audio) * 1000 // 16000
+        assert hyp.words[-1].end_ms <= hyp.duration_ms
+        assert hyp.words[-1].start_ms > 30000  # the second window was decoded too
+
+
+def test_only_finals_run_silero_vad(engine, clips, monkeypatch):
+    """Drafts skip Silero (white noise is still empty: see test_no_text_without_speech); finals
+    use it to drop what Whisper's no-speech rule lets by, like "you" on mains hum."""
+    import faster_whisper.vad
+
+    hum = (0.1 * np.sin(2 * np.pi * 50 * np.arange(FIVE_SECONDS) / 16000)).astype(np.float32)
+    assert engine.transcribe([Segment(hum)])[0].text == ""
+
+    def no_vad(audio, *args, **kwargs):
+        raise AssertionError("Silero VAD ran for a draft")
+
+    monkeypatch.setattr(faster_whisper.vad, "get_speech_timestamps", no_vad)
+    assert engine.draft([Segment(clips[1][1])])[0].text
+
+
+def test_whisper_cost_benchmark_records_old_and_new(engine, clips, tmp_path, monkeypatch, capsys):
+    """`python -m benchmarks.whisper_cost` with the smallest sizes (the figures themselves come
+    from running the benchmark)."""
+    from benchmarks import results, whisper_cost
+
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(whisper, "load_engine", lambda *args, **kwargs: engine)
+    argv = "--kinds draft --lengths 2 --batches 2 --repeats 1".split()
+    whisper_cost.main(argv)
+    (written,) = tmp_path.iterdir()
+    record = json.loads(written.read_text())
+    assert record["benchmark"] == "whisper_cost" and record["commit"]
+    (row,) = record["figures"]["cost"]
+    assert (row["kind"], row["seconds"], row["batch"]) == ("draft", 2.0, 2)
+    for path in ("old", "new"):
+        assert row[f"{path}_cpu_s_per_call"] > 0 and row[f"{path}_wall_ms_per_call"] > 0
+        assert record["figures"]["finals_wer"][path] <= 0.15
+    assert record["settings"]["frames"]["final_floor"] == whisper.FINAL_FRAMES
+    out = capsys.readouterr().out
+    assert "draft" in out and "finals WER" in out and str(written) in out
