@@ -135,7 +135,7 @@ class SessionConfig:
     min_segment_ms: int = setting(250, ge=0)
     max_segment_ms: int = setting(15000, ge=1000, le=60000)
     energy_gate_dbfs: float = setting(-45.0, le=0)
-    stable_agreement: int = setting(2, ge=1)
+    stable_agreement: int = setting(3, ge=1)
     stable_settle_ms: int = setting(1200, ge=0)
     captions_mode: str = setting("off", choices=("off", "rollup", "popon"))
     captions_preset: int = setting(42, allowed=(32, 37, 42))

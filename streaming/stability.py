@@ -160,7 +160,7 @@ def changed_words(shown: Sequence[str], later: Sequence[str]) -> int:
 class StabilityConfig:
     """How cautious the stable prefix is: more agreement or settling means less flicker, later."""
 
-    agreement: int = 2
+    agreement: int = 3
     settle_ms: int = 1200
 
     def __post_init__(self) -> None:

@@ -37,7 +37,15 @@ class EchoEngine:
         out = []
         for s in segments:
             n = len(s.audio) * 1000 // s.sample_rate // 300
-            words = [Word(f"w{i}", i * 300, i * 300 + 300, 0.9) for i in range(n)]
+            # Like a text decoder, a partial continues from its prefix: "wK" is the K-th 300 ms
+            # of the segment however much of it the window holds.
+            first = int(s.prefix[-1].word[1:]) + 1 if s.prefix else 0
+            start = s.prefix[-1].end_ms if s.prefix else 0
+            fresh = [
+                Word(f"w{first + i}", start + i * 300, start + i * 300 + 300, 0.9)
+                for i in range(max(0, n - (start + 299) // 300))
+            ]
+            words = [*s.prefix, *fresh]
             out.append(Hypothesis(" ".join(w.word for w in words), words=words, confidence=0.9))
         return out
 

@@ -484,7 +484,7 @@ def test_partial_cost_measures_windowed_and_whole_segment_partials(monkeypatch, 
     (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("partial_cost-*.json")]
     windowed, whole = record["figures"]["window_1000ms"], record["figures"]["whole_segment"]
     assert windowed["2s"]["partials"] > 0 and windowed["8s"]["partials"] > 0
-    assert windowed["8s"]["decoded_ms"] < 3000  # the window did not grow with the segment
+    assert windowed["8s"]["decoded_ms"] < 4000  # the window did not grow with the segment
     assert whole["8s"]["decoded_ms"] > 7000
     assert record["settings"]["windows"] == [1000, 0]
     assert "machine_busy_cores" in record["figures"]

@@ -77,9 +77,11 @@ def ga_session(fmt: dict, turn_detection: dict | None, **transcription) -> dict:
     }
 
 
-async def send_audio(ws, data: bytes, chunk_bytes: int) -> None:
+async def send_audio(ws, data: bytes, chunk_bytes: int, pause_s: float = 0.0) -> None:
     for chunk in chunks(data, chunk_bytes):
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": _b64(chunk)}))
+        if pause_s:
+            await asyncio.sleep(pause_s)
 
 
 def _b64(data: bytes) -> str:
@@ -217,7 +219,8 @@ def test_clear_drops_the_open_turn_alaw(speech):
                 await ws.recv()
                 await ws.send(update(ga_session({"type": "audio/pcma"}, {"type": "server_vad"})))
                 await ws.recv()
-                await send_audio(ws, alaw(np.concatenate([quiet, clip[: RATE * 2]])), 800)
+                # 5x real time: partials computed, not all superseded, so words get committed
+                await send_audio(ws, alaw(np.concatenate([quiet, clip[: RATE * 2]])), 800, 0.02)
                 first = await receive(ws, lambda es: bool(of_type(es, DELTA)))
                 await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
                 cleared = await receive(ws, last_is("input_audio_buffer.cleared"))

@@ -32,7 +32,7 @@ def texts(partial) -> tuple[str, str]:
 
 def test_config_defaults_and_validation():
     cfg = StabilityConfig()
-    assert (cfg.agreement, cfg.settle_ms) == (2, 1200)
+    assert (cfg.agreement, cfg.settle_ms) == (3, 1200)
     assert StabilityConfig(agreement=1, settle_ms=0).settle_ms == 0
     for bad in ({"agreement": 0}, {"agreement": True}, {"agreement": 1.5}, {"settle_ms": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
