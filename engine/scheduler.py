@@ -1,9 +1,10 @@
 """The cross-stream batching worker: the only caller of a model.
 
 Requests from every session land in two queues. One worker thread owns the engine and repeatedly
-takes a batch: finals first (oldest first, never dropped), else partials: the oldest and others
-of similar length (one length bucket), so one stream's partial does not wait for, nor get padded
-to, another's much longer audio.
+takes a batch: finals first (oldest first, never dropped), else partials: those that would show
+a segment's first words before the rest, then the oldest, with others of similar length (one
+length bucket), so one stream's partial does not wait for, nor get padded to, another's much
+longer audio.
 A partial is dropped, never computed, when a newer partial or the final of its segment arrives,
 or when it has waited longer than `partial_deadline_ms` (the engine is behind: shed partials
 first). An exception in a batch fails only the requests in it.
@@ -36,6 +37,7 @@ class Request:
     segment: Segment
     on_done: Callable[[Outcome], None]
     submitted: float = field(default_factory=time.monotonic)
+    first_text: bool = False  # a partial whose segment shows no words yet: it goes first
 
     @property
     def audio_s(self) -> float:
@@ -219,9 +221,12 @@ class Scheduler:
 
     def _take_partials(self, cfg: SchedulerConfig) -> list[Request]:
         """The oldest partial and the oldest others of its length bucket (`length_bucket`), so
-        a partial never waits behind, or is padded to, much longer audio."""
-        bucket = length_bucket(next(iter(self._partials.values())).audio_s)
-        queue = deque(r for r in self._partials.values() if length_bucket(r.audio_s) == bucket)
+        a partial never waits behind, or is padded to, much longer audio. Partials that would
+        show a segment's first words go before those that refresh text already shown: the
+        first text is what a caller waits for."""
+        waiting = sorted(self._partials.values(), key=lambda r: not r.first_text)  # stable
+        bucket = length_bucket(waiting[0].audio_s)
+        queue = deque(r for r in waiting if length_bucket(r.audio_s) == bucket)
         batch = self._take(queue, cfg)
         for req in batch:
             del self._partials[req.key]

@@ -142,3 +142,4 @@ class EngineRequest:
     audio: np.ndarray  # float32 mono 16 kHz: the whole segment, or a partial's window of it
     hotwords: tuple[str, ...] = ()
     window: Window = WHOLE_SEGMENT  # which part of the segment `audio` is (partials)
+    first_text: bool = False  # a partial of a segment that has shown no words yet

@@ -443,6 +443,7 @@ class Connection:
                     prefix=item.window.prefix,
                 ),
                 done,
+                first_text=item.first_text,
             )
         )
 

@@ -64,6 +64,7 @@ class ChannelState:
     partial_audio_ms: dict[int, int] = field(default_factory=dict)  # audio covered by last ask
     partial_rev: dict[int, int] = field(default_factory=dict)  # last rev asked
     shown_rev: dict[int, int] = field(default_factory=dict)  # last rev sent to the client
+    texted: set[int] = field(default_factory=set)  # open segments whose partials showed words
     pending: dict[int, PendingFinal] = field(default_factory=dict)
 
 
@@ -240,6 +241,7 @@ class Session:
         channel.partial_audio_ms.pop(seg, None)
         channel.partial_rev.pop(seg, None)
         channel.shown_rev.pop(seg, None)
+        channel.texted.discard(seg)
         self.captions.closed(channel.index, seg)
         return [EngineRequest("final", channel.index, seg, 0, event.audio, self.hotwords)]
 
@@ -265,7 +267,14 @@ class Session:
         audio = channel.segmenter.open_segment().audio[to_samples(window.start_ms) :]
         return [
             EngineRequest(
-                "partial", channel.index, segment_id, rev, audio, self.hotwords, window=window
+                "partial",
+                channel.index,
+                segment_id,
+                rev,
+                audio,
+                self.hotwords,
+                window=window,
+                first_text=segment_id not in channel.texted,
             )
         ]
 
@@ -283,6 +292,8 @@ class Session:
         covered = request.window.start_ms + ms(len(request.audio))
         partial = tracker.update(hypothesis.words, covered, request.window)
         self.stats.partials_sent += 1
+        if partial.stable or partial.volatile:
+            channel.texted.add(request.segment_id)
         start_ms = ms(span[1])
         words = _shift([*partial.stable, *partial.volatile], start_ms)
         return [

@@ -234,3 +234,16 @@ def test_length_buckets():
     assert [length_bucket(s) for s in (0.0, 1.0, 1.01, 3.9, 16.0, 31.9)] == [1, 1, 2, 4, 16, 32]
     assert length_bucket(33.0) == 64 and length_bucket(100.0) == 128
     assert list(LENGTH_BUCKETS_S) == sorted(LENGTH_BUCKETS_S)
+
+
+def test_partials_showing_a_segments_first_words_go_first():
+    engine = FakeEngine()
+    sched = Scheduler(engine, SchedulerConfig(max_batch=2, max_wait_ms=0))
+    done = Collector()
+    sched.submit(Request("partial", "old", seg(16000), done))
+    sched.submit(Request("partial", "older", seg(17000), done))
+    sched.submit(Request("partial", "new", seg(18000), done, first_text=True))
+    while sched.run_once():
+        pass
+    # the first-text partial anchors the batch; its bucket (<= 2 s) takes 17000, not 16000
+    assert engine.calls == [("draft", [18000, 17000]), ("draft", [16000])]

@@ -283,3 +283,27 @@ def test_partials_decode_a_window_after_the_committed_words(speech, window_ms):
         assert longest < 4000  # the clip is ~7 s: the window never grew with the segment
     else:
         assert longest > 6000
+
+
+def test_partial_requests_say_whether_their_segment_has_shown_words(speech):
+    session = Session("s1", SessionConfig())
+    flags: list[tuple[int, bool]] = []
+
+    def answer(outputs) -> None:
+        for item in outputs:
+            if isinstance(item, EngineRequest):
+                if item.kind == "partial":
+                    flags.append((item.segment_id, item.first_text))
+                answer(session.on_result(item, slot_words(item)))
+
+    answer(session.start())
+    for chunk in chunks(to_s16le(joined(speech[:2])), RATE * 2 // 10):
+        answer(session.feed_audio(chunk))
+    answer(session.close())
+    segments = sorted({s for s, _ in flags})
+    assert len(segments) == 2
+    for segment in segments:
+        seen = [first for s, first in flags if s == segment]
+        # until a partial shows words (slot words: from the first 300 ms on), then never again
+        assert seen[0] and not seen[-1]
+        assert seen == sorted(seen, reverse=True)
