@@ -214,6 +214,28 @@ def test_caption_files_need_the_api_key_when_keys_are_set():
 
 
 @pytest.mark.slow
+async def paced_session(port: int, pcm: bytes, captions_mode: str) -> list[tuple[float, dict]]:
+    """Stream 16 kHz s16 PCM in 100 ms frames at real time with the client; every event with
+    its arrival in seconds from the start."""
+    timed: list[tuple[float, dict]] = []
+    async with StreamscribeClient.connect(
+        f"ws://127.0.0.1:{port}", captions_mode=captions_mode
+    ) as client:
+        t0 = time.monotonic()
+
+        async def read():
+            async for event in client.events():
+                timed.append((time.monotonic() - t0, event))
+
+        reader = asyncio.create_task(read())
+        for k, chunk in enumerate(chunks(pcm, RATE * 2 // 10)):
+            await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.1 - time.monotonic()))
+            await client.send_audio(chunk)
+        await client.close()
+        await reader
+    return timed
+
+
 def test_real_speech_captions_at_real_time(capsys):
     """LibriVox clips paced like a live microphone through the CPU model, in a pop-on session and
     then a roll-up one. Prints the caption delay (p95 of the metric)."""
@@ -226,24 +248,9 @@ def test_real_speech_captions_at_real_time(capsys):
     pcm = to_s16le(joined([a for _, a, _ in clips], silence_s=1.0))
 
     async def session(gw, mode: str) -> tuple[list[dict], list[float]]:
-        events, delays = [], []
-        base = f"ws://127.0.0.1:{gw.port}"
-        async with StreamscribeClient.connect(base, captions_mode=mode) as client:
-            t0 = time.monotonic()
-
-            async def read():
-                async for event in client.events():
-                    events.append(event)
-                    if event["type"] == "caption.append":
-                        delays.append(time.monotonic() - t0 - event["end_ms"] / 1000)
-
-            reader = asyncio.create_task(read())
-            for k, chunk in enumerate(chunks(pcm, RATE * 2 // 10)):
-                await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.1 - time.monotonic()))
-                await client.send_audio(chunk)
-            await client.close()
-            await reader
-        return events, delays
+        timed = await paced_session(gw.port, pcm, mode)
+        delays = [t - e["end_ms"] / 1000 for t, e in timed if e["type"] == "caption.append"]
+        return [e for _, e in timed], delays
 
     async def main():
         async with running(gateway_config(), load_engine("tiny.en"), timeout_s=120) as gw:
@@ -306,22 +313,7 @@ def test_rollup_captions_of_real_speech_neither_drop_nor_double_words():
     pcm = to_s16le(joined([audio], silence_s=1.0))
 
     async def one_run(gw) -> tuple[list[dict], list[dict]]:
-        events = []
-        async with StreamscribeClient.connect(
-            f"ws://127.0.0.1:{gw.port}", captions_mode="rollup"
-        ) as client:
-            t0 = time.monotonic()
-
-            async def read():
-                async for event in client.events():
-                    events.append(event)
-
-            reader = asyncio.create_task(read())
-            for k, chunk in enumerate(chunks(pcm, RATE * 2 // 10)):
-                await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.1 - time.monotonic()))
-                await client.send_audio(chunk)
-            await client.close()
-            await reader
+        events = [e for _, e in await paced_session(gw.port, pcm, "rollup")]
         appends = [e for e in events if e["type"] == "caption.append"]
         finals = [e for e in events if e["type"] == "transcript.final"]
         return appends, finals
