@@ -267,12 +267,13 @@ class StabilityTracker:
             Word(w.word, w.start_ms + window.start_ms, w.end_ms + window.start_ms, w.confidence)
             for w in words
         ]
-        tail = self._after_committed(hypothesis, window)
-        if tail is None:  # not anchored: show a guess, commit nothing, agreement starts again
+        all_keys = [word_key(w.word) for w in hypothesis]
+        taken = self._after_committed(all_keys, window)
+        if taken is None:  # not anchored: show a guess, commit nothing, agreement starts again
             self._tail_keys, self._tail_runs = [], []
             self._rev += 1
             return Partial(self._rev, list(self._stable), self._guess_tail(hypothesis))
-        keys = [word_key(w.word) for w in tail]
+        tail, keys = hypothesis[taken:], all_keys[taken:]
         # A word agrees with the previous partial when the tails are identical up to it.
         same, previous = 0, self._tail_keys
         while same < len(keys) and same < len(previous) and keys[same] == previous[same]:
@@ -299,15 +300,14 @@ class StabilityTracker:
         changed = changed_words([w.word for w in self._stable], [w.word for w in words])
         return FinalText(words=list(words), changed_stable=changed)
 
-    def _after_committed(self, hypothesis: list[Word], window: Window) -> list[Word] | None:
-        """The words of a window's hypothesis after the committed ones, or None when it does not
-        start with them (rules: Anchoring)."""
+    def _after_committed(self, keys: list[str], window: Window) -> int | None:
+        """Where the words after the committed ones start in a window's hypothesis (given as
+        word keys), or None when it does not start with them (rules: Anchoring)."""
         committed = "".join(self._stable_keys[window.first :])
-        keys = [word_key(w.word) for w in hypothesis]
         for stray in (0, 1) if window.start_ms > 0 else (0,):
             taken = _spelt_by(committed, keys, stray)
             if taken is not None:
-                return hypothesis[taken:]
+                return taken
         return None
 
     def _guess_tail(self, hypothesis: list[Word]) -> list[Word]:
