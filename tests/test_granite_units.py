@@ -148,6 +148,7 @@ def test_projector_queries_start_from_group_means():
 
 def test_projector_windows_are_independent():
     model = tiny_model()
+    torch.manual_seed(0)  # unseeded, about one draw in a few hundred left the window unchanged
     taps = [torch.randn(1, 30, 32) for _ in range(4)]
     changed = [t.clone() for t in taps]
     for t in changed:
