@@ -30,7 +30,9 @@ Pop-on (`CaptionCue`), one sequence per channel, ids increasing across the sessi
 - a cue closes when the next word does not fit (lines or `max_cue_ms` of speech), after a pause
   of `PAUSE_MS`, at the end of each segment, and after a sentence once it holds half a line or
   more (no need to wait for more words); when the next word does not fit, the cut may move back
-  a few words so that it falls after a sentence or clause end (`CARRY_COST`);
+  a few words so that it falls after a sentence or clause end (`CARRY_COST`), carrying at most
+  `MAX_CARRY_MS` of speech: live, each carried word delays the cue it leaves by its length (the
+  broadcast budget is 3 s from speech to screen, and committing a word already takes ~2 s);
 - line and cue breaks prefer sentence ends, then clause ends, then before a conjunction, and are
   never made after an article, determiner, preposition or title ("the | house", "Mr. | Smith")
   nor inside a run of capitalised words ("John | Dashwood"): a line break never, a cue break
@@ -66,6 +68,7 @@ PRESETS = (32, 37, 42)
 ROLLUP_ROW_CHARS = 32
 SPEAKER_MARK = ">> "
 PAUSE_MS = 1000  # a silence this long between two words ends the cue
+MAX_CARRY_MS = 800  # longest a cue break may hold a full cue back (unless it must: names)
 
 CaptionEvent = CaptionAppend | CaptionCue
 
@@ -324,13 +327,17 @@ class PopOn:
         return spoken <= self.cfg.max_cue_ms and _line_break(words, self.cfg.preset) is not None
 
     def _best_cut(self, words: Sequence[Word]) -> int:
-        """How many words close the cue: the cheapest break whose remainder fits a cue (the
-        last word alone always may start the next cue: a piece fits on one line)."""
+        """How many words close the cue: the cheapest break whose remainder fits a cue and
+        holds the cue back at most `MAX_CARRY_MS` (the last word alone always may start the
+        next cue: a piece fits on one line; a longer carry only to avoid a forbidden break)."""
         best: tuple[float, int] | None = None
         carried = -1  # len(_text(words[cut:]))
         for cut in range(len(words) - 1, 0, -1):
             carried += len(words[cut].word) + 1
             if best is not None and not self._fits(words[cut:]):
+                break
+            held_ms = words[-1].end_ms - words[cut - 1].end_ms  # how much later the cue goes
+            if best is not None and held_ms > MAX_CARRY_MS and best[0] < FORBIDDEN:
                 break
             cost = _break_cost(words[cut - 1], words[cut]) + CARRY_COST * carried
             if best is None or cost < best[0]:

@@ -13,6 +13,7 @@ from streaming.captions import (
     CLAUSE_END,
     CONJUNCTION,
     FORBIDDEN,
+    MAX_CARRY_MS,
     NO_BREAK_AFTER,
     PLAIN,
     ROLLUP_ROW_CHARS,
@@ -213,9 +214,20 @@ def test_popon_prefers_a_break_after_punctuation():
         "He was not an ill-disposed young man,",
         "unless to be rather cold-hearted",
     ]
-    text = "It was late. The carriage had gone and nobody in the house said anything more"
+    text = "It was late. The carriage had gone and nobody stirred, so we said anything more"
     cues = cues_from_words(timed(text), preset=32)
-    assert cues[0].lines == ["It was late."]
+    assert cues[0].lines[-1].endswith("stirred,")  # "so we" moved on: a short carry
+
+
+def test_popon_does_not_hold_a_full_cue_back_for_a_distant_clause_end():
+    """Moving the break back to "gone," would hold the cue ~2 s more: live, past the 3 s
+    budget from speech to screen. The break stays near the word that did not fit."""
+    text = "It was late. The carriage had gone, and nobody in the house said anything more"
+    words = timed(text)
+    first, second = cues_from_words(words, preset=32)
+    assert first.lines == ["It was late. The carriage had", "gone, and nobody in the house"]
+    trigger = next(w for w in words if w.word == "said")  # the first word that did not fit
+    assert trigger.end_ms - first.speech_end_ms <= MAX_CARRY_MS
 
 
 def test_popon_cue_ends_at_a_pause_and_is_held_for_reading():
