@@ -39,6 +39,7 @@ LOST_CLOSES = {
     1013: "the server is overloaded or draining; reconnect",
 }
 _END = object()  # queued after the last message
+CLIENT_CLOSE = "client"  # session.closed reason when the client's `close` ended the session
 
 
 class ClientError(Exception):
@@ -81,6 +82,19 @@ class ConnectionLost(ClientError):
     def __init__(self, message: str, close_code: int | None) -> None:
         super().__init__(message)
         self.close_code = close_code
+
+
+class SessionEndedEarly(ClientError):
+    """The server closed the session before all the audio was sent (shutdown, maximum
+    duration, idle timeout): the transcript received is complete up to `audio_ms` only."""
+
+    def __init__(self, reason: str, close_code: int | None, audio_ms: int | None) -> None:
+        code = f", close code {close_code}" if close_code is not None else ""
+        heard = f" after {audio_ms / 1000:.1f} s of audio" if audio_ms is not None else ""
+        super().__init__(f"the server ended the session early{heard}: {reason}{code}")
+        self.reason = reason
+        self.close_code = close_code
+        self.audio_ms = audio_ms
 
 
 class StreamscribeClient:
@@ -172,6 +186,16 @@ class StreamscribeClient:
             await self.close()
         else:
             await self._hang_up()
+
+    @property
+    def closed_message(self) -> dict | None:
+        """The `session.closed` message once received (its `reason` says who ended it)."""
+        return self._closed_message
+
+    @property
+    def close_code(self) -> int | None:
+        """The WebSocket close code, once the connection has closed."""
+        return self._ws.close_code
 
     @property
     def bytes_per_second(self) -> int:
@@ -370,7 +394,8 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def read_pcm(path: str | os.PathLike) -> tuple[bytes, int, int]:
-    """Read a WAV/FLAC file as (16-bit little-endian PCM, sample rate, channels) for the wire.
+    """Read an audio file (any format `streaming.audiofile` reads) as (16-bit little-endian PCM,
+    sample rate, channels) for the wire.
 
     The file's own rate is kept when the server accepts it (no resampling on either side),
     else the audio is resampled to 16 kHz; one or two channels are kept, more are mixed to mono.
@@ -401,7 +426,7 @@ async def stream_file(
     stop: asyncio.Event | None = None,
     **options: Any,
 ) -> AsyncIterator[dict]:
-    """Stream a WAV/FLAC file (see `read_pcm`) in frames of `frame_ms`, then close; yields every
+    """Stream an audio file (see `read_pcm`) in frames of `frame_ms`, then close; yields every
     server message. `realtime` paces the frames like a live source; setting `stop` ends the
     audio early (what was sent is still flushed)."""
     pcm, rate, channels = await asyncio.to_thread(read_pcm, path)  # long files take a while
@@ -428,7 +453,8 @@ async def stream_pcm(
     """Stream raw audio chunks (format given by `encoding`, `sample_rate`, `channels` in
     `options`, as for `connect`), then close; yields every server message.
 
-    An exception from `chunks` drops the connection and is re-raised after the events.
+    An exception from `chunks` drops the connection and is re-raised after the events; a
+    session the server ends before we close it raises `SessionEndedEarly` after them.
     """
     async with StreamscribeClient.connect(url, **options) as client:
         feeder = asyncio.create_task(_feed(client, chunks, realtime, stop))
@@ -439,6 +465,9 @@ async def stream_pcm(
         finally:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
+    closed = client.closed_message
+    if closed is not None and closed.get("reason", CLIENT_CLOSE) != CLIENT_CLOSE:
+        raise SessionEndedEarly(closed["reason"], client.close_code, closed.get("audio_ms"))
 
 
 async def _feed(

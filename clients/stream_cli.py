@@ -3,8 +3,10 @@
 On a terminal the open partials are one line rewritten in place (the volatile tail dim and
 italic, unless NO_COLOR is set) and each final gets its own line; anywhere else only finals are
 printed, so a pipe or a file gets a clean transcript. `--json` prints every server message.
-Exit status: 0 success, 1 the server ended the session with an error, 2 connection or usage
-error, 130 interrupted (the first Ctrl-C stops the audio and still flushes; a second one quits).
+Exit status, as for every `streamscribe` verb: 0 success; 1 the input failed (a file could not be
+read, the server ended the session with an error or before all the audio was sent); 2 usage,
+configuration or connection error; 130 interrupted (the first Ctrl-C stops the audio and still
+flushes; a second one quits).
 """
 
 from __future__ import annotations
@@ -19,29 +21,44 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
-from clients.client import DEFAULT_URL, ClientError, SessionError, stream_file, stream_pcm
+import numpy as np
+
+from clients.client import (
+    DEFAULT_URL,
+    ClientError,
+    SessionEndedEarly,
+    SessionError,
+    stream_file,
+    stream_pcm,
+)
 
 if TYPE_CHECKING:
     from streaming.audio import AudioFormat
 
-EXIT_OK, EXIT_SESSION, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RAW_FORMAT = ("encoding", "sample_rate", "channels")  # flags for stdin; a file has a header
 STDIN_QUEUE_CHUNKS = 16  # how far reading stdin may run ahead of sending
+LOUD_DBFS = -40.0  # raw audio louder than this with no words back is worth a hint
 VOLATILE_STYLE, RESET = "\x1b[2;3m", "\x1b[0m"  # dim italic
 CLEAR_LINE = "\r\x1b[2K"
+ELLIPSIS = "…"  # marks words cut from the left of the live line
 
 
-def add_stream_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_stream_command(
+    subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
     """Add `stream` to a command line's subparsers; it runs through `args.run(args)`."""
     stream = subparsers.add_parser(
         "stream",
-        help="stream a WAV/FLAC file, or raw PCM from stdin (-), to a server; print the text",
+        parents=list(parents),
+        help="stream an audio file (WAV, FLAC, OGG, MP3; M4A etc. with PyAV) or raw PCM from stdin "
+        "(-) to a server; print the text",
         description="Stream audio to a streamscribe server and print transcripts as they come.",
     )
-    stream.add_argument("source", metavar="FILE|-", help="WAV/FLAC file, or - for raw stdin")
+    stream.add_argument("source", metavar="FILE|-", help="audio file, or - for raw PCM on stdin")
     stream.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
     stream.add_argument("--realtime", action="store_true", help="pace the audio like a live source")
     stream.add_argument("--json", action="store_true", help="every server message as a JSON line")
@@ -92,7 +109,7 @@ def run_stream(args: argparse.Namespace) -> int:
     """The `stream` command: returns the exit status."""
     # Imported on use: they load scipy (~1 s), and every `streamscribe` command imports this.
     from streaming.audio import AudioFormat, AudioFormatError
-    from streaming.audiofile import AudioFileError
+    from streaming.audiofile import AudioFileError, probe
 
     raw = {key: getattr(args, key) for key in RAW_FORMAT if getattr(args, key) is not None}
     if raw and args.source != "-":
@@ -109,17 +126,24 @@ def run_stream(args: argparse.Namespace) -> int:
             audio_format = AudioFormat(**raw)
         except AudioFormatError as err:
             return _fail(str(err))
+    if args.source != "-":
+        try:
+            probe(args.source)  # before connecting: a typo is not a server problem
+        except AudioFileError as err:
+            return _fail(str(err), EXIT_INPUT)
     try:
         return asyncio.run(_stream(args, audio_format, sys.stdout))
-    except (ClientError, AudioFileError) as err:
+    except AudioFileError as err:
+        return _fail(str(err), EXIT_INPUT)
+    except ClientError as err:
         return _fail(str(err))
     except (KeyboardInterrupt, asyncio.CancelledError):
         return EXIT_INTERRUPTED
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = EXIT_USAGE) -> int:
     print(f"streamscribe stream: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return status
 
 
 async def _stream(args: argparse.Namespace, raw: AudioFormat | None, out: TextIO) -> int:
@@ -127,11 +151,12 @@ async def _stream(args: argparse.Namespace, raw: AudioFormat | None, out: TextIO
     stop = asyncio.Event()
     _on_interrupt(stop)
     options: dict[str, Any] = {"api_key": args.api_key, **dict(args.option)}
+    meter = LevelMeter(raw.encoding if raw is not None else "pcm_s16le")
     if raw is not None:
         size = raw.frame_bytes * max(1, raw.sample_rate * args.frame_ms // 1000)
         events = stream_pcm(
             args.url,
-            read_chunks(sys.stdin.buffer, size),
+            meter.metered(read_chunks(sys.stdin.buffer, size)),
             realtime=args.realtime,
             stop=stop,
             encoding=raw.encoding,
@@ -149,17 +174,46 @@ async def _stream(args: argparse.Namespace, raw: AudioFormat | None, out: TextIO
             **options,
         )
     show = JsonPrinter(out) if args.json else TextPrinter(out)
+    recognised, closed = False, None
     try:
         async for event in events:
             show(event)
+            kind = event.get("type")
+            recognised = recognised or (kind == "transcript.final" and bool(event.get("text")))
+            closed = event if kind == "session.closed" else closed
     except SessionError as err:
         show.finish()
         if err.code not in show.reported:  # else the printer has shown the server's error
             print(f"streamscribe stream: session error: {err}", file=sys.stderr)
-        return EXIT_SESSION
+        return EXIT_INPUT
+    except SessionEndedEarly as err:
+        show.finish()
+        print(f"streamscribe stream: error: {err}; the transcript is incomplete", file=sys.stderr)
+        return EXIT_INPUT
     finally:
         show.finish()
+    if not recognised and closed is not None:
+        _explain_no_text(closed, meter if raw is not None else None, raw)
     return EXIT_INTERRUPTED if stop.is_set() else EXIT_OK
+
+
+def _explain_no_text(closed: dict, meter: LevelMeter | None, raw: AudioFormat | None) -> None:
+    """No words came back: say so, and when the audio had clear energy or the server heard
+    speech in it, point at the raw format flags, the usual cause (audio at the wrong rate or
+    in the wrong encoding sounds like noise to a model)."""
+    seconds = closed.get("audio_ms", 0) / 1000
+    segments = closed.get("segments", 0)
+    heard = f"; the server found {segments} speech segment(s) in it" if segments else ""
+    message = f"no words were recognised in {seconds:.1f} s of audio{heard}"
+    loud = meter is not None and meter.rms_dbfs() > LOUD_DBFS
+    if raw is not None and (segments or loud):
+        level = f" (its level is {meter.rms_dbfs():.0f} dBFS)" if loud else ""
+        message += (
+            f"{level}: if it holds speech, check that it really is {raw.encoding} at "
+            f"{raw.sample_rate} Hz, {raw.channels} channel(s) (--encoding, --sample-rate, "
+            "--channels)"
+        )
+    print(f"streamscribe stream: {message}", file=sys.stderr)
 
 
 def _on_interrupt(stop: asyncio.Event) -> None:
@@ -203,6 +257,40 @@ async def read_chunks(stream: BinaryIO, size: int) -> AsyncIterator[bytes]:
         if isinstance(item, OSError):
             raise item
         yield item
+
+
+class LevelMeter:
+    """The RMS level of the raw audio sent, to tell silence from audio the model could not
+    make sense of."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self.energy = 0.0
+        self.samples = 0
+
+    async def metered(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.add(chunk)
+            yield chunk
+
+    def add(self, chunk: bytes) -> None:
+        from streaming.audio import decode_alaw, decode_mulaw
+
+        if self.encoding == "pcm_f32le":
+            samples = np.frombuffer(chunk[: len(chunk) // 4 * 4], "<f4").astype(np.float64)
+        elif self.encoding == "mulaw":
+            samples = decode_mulaw(chunk).astype(np.float64)
+        elif self.encoding == "alaw":
+            samples = decode_alaw(chunk).astype(np.float64)
+        else:
+            samples = np.frombuffer(chunk[: len(chunk) // 2 * 2], "<i2") / 32768.0
+        self.energy += float(np.dot(samples, samples))
+        self.samples += samples.size
+
+    def rms_dbfs(self) -> float:
+        if not self.samples or not self.energy:
+            return -120.0
+        return 10 * float(np.log10(self.energy / self.samples))
 
 
 class JsonPrinter:
@@ -276,7 +364,8 @@ class TextPrinter:
 
     def _draw(self) -> None:
         """Rewrite the live line: each channel's open partial, trimmed to the terminal's width
-        from the left so the newest words stay visible and the line never wraps."""
+        from the left (whole words, after an ellipsis) so the newest words stay visible and the
+        line never wraps."""
         if not self.live:
             self.out.flush()
             return
@@ -287,15 +376,32 @@ class TextPrinter:
             runs.append((self._prefix(channel) + stable, False))
             if volatile:
                 runs += [(" " if stable else "", False), (volatile, True)]
-        excess = sum(len(text) for text, _ in runs) - (self.width() - 1)
         line = []
-        for text, volatile in runs:
-            if excess > 0:
-                cut = min(excess, len(text))
-                text, excess = text[cut:], excess - cut
+        for text, volatile in _tail_on_words(runs, self.width() - 1):
             if text and volatile and self.color:
                 text = f"{VOLATILE_STYLE}{text}{RESET}"
             line.append(text)
         self.out.write(CLEAR_LINE + "".join(line))
         self.drawn = bool(runs)
         self.out.flush()
+
+
+def _tail_on_words(runs: list[tuple[str, bool]], width: int) -> list[tuple[str, bool]]:
+    """The end of the styled `runs` that fits in `width` characters, starting at a word: "…"
+    and then whole words (a single word wider than the line is cut)."""
+    text = "".join(part for part, _ in runs)
+    if len(text) <= width:
+        return runs
+    earliest = len(text) - (width - len(ELLIPSIS))
+    start = next(
+        (i for i in range(earliest, len(text)) if text[i - 1] == " " and text[i] != " "),
+        earliest,
+    )
+    kept: list[tuple[str, bool]] = [(ELLIPSIS, False)]
+    position = 0
+    for part, volatile in runs:
+        end = position + len(part)
+        if end > start:
+            kept.append((part[max(0, start - position) :], volatile))
+        position = end
+    return kept

@@ -50,12 +50,18 @@ class Segment:
     text decoder may continue from them instead of deciding them again; one whose draft is
     frame-local (CTC) ignores them. Either way the hypothesis covers the whole audio, and a
     family that decodes from the prefix returns the prefix words first, exactly as given.
+
+    `language`: the spoken language as a lowercase primary subtag ("fr", see
+    `primary_language`), one of the engine's `languages`; None leaves it to the model (its
+    default, or detection). A family that can be told the language decodes in it, so speech
+    is not written out as the language the model guessed.
     """
 
     audio: np.ndarray
     sample_rate: int = TARGET_SAMPLE_RATE
     hotwords: tuple[str, ...] = ()
     prefix: tuple[Word, ...] = ()
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,16 @@ class Hypothesis:
 
 
 class Engine(Protocol):
-    """A loaded model. Both calls are batched: one hypothesis per segment, in order."""
+    """A loaded model. Both calls are batched: one hypothesis per segment, in order.
+
+    `languages`: the primary subtags of the languages the model transcribes, so a session
+    can refuse one it would only turn into wrong text; None means any language a caller names
+    (a model without language, such as noop).
+    """
 
     family: str
     device: str
+    languages: frozenset[str] | None
 
     def draft(self, segments: Sequence[Segment]) -> list[Hypothesis]:
         """Cheap text for partials (may be less accurate than `transcribe`)."""
@@ -98,6 +110,16 @@ class Engine(Protocol):
     def transcribe(self, segments: Sequence[Segment]) -> list[Hypothesis]:
         """Final text with word times and confidences."""
         ...
+
+
+def engine_languages(engine: Engine) -> frozenset[str] | None:
+    """The engine's `languages`; None (any) for an engine that does not declare them."""
+    return getattr(engine, "languages", None)
+
+
+def primary_language(code: str) -> str:
+    """The lowercase primary subtag of a language tag (`en-US` -> `en`), as engines take it."""
+    return code.strip().split("-")[0].lower()
 
 
 class ModelLoadError(RuntimeError):

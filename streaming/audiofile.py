@@ -1,12 +1,15 @@
 """Read an audio file from disk into the mono float32 samples the engine takes.
 
-Any format libsndfile decodes (WAV incl. mu-law/A-law, FLAC, OGG, ...) is accepted. Failures
-become `AudioFileError` with the path and a one-line reason, so the CLI can print it instead of
-a soundfile traceback.
+Any format libsndfile decodes (WAV incl. mu-law/A-law, FLAC, OGG Vorbis/Opus, MP3, AIFF, ...) is
+read with it; anything else goes to FFmpeg through PyAV when that is installed (faster-whisper,
+the `cpu` extra, brings it): M4A/AAC, MP4, WebM, ... Failures become `AudioFileError` with the
+path, a one-line reason and the formats that can be read, so the CLI can print it instead of a
+decoder traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,9 +19,23 @@ import soundfile as sf
 from engine.api import TARGET_SAMPLE_RATE
 from engine.audio import resample
 
+# The libsndfile formats people meet; it reads a few more (see soundfile.available_formats()).
+SOUNDFILE_FORMATS = "WAV (PCM, float, mu-law, A-law), FLAC, OGG Vorbis/Opus, MP3, AIFF, CAF"
+
 
 class AudioFileError(ValueError):
     """An audio file cannot be used; the message names the file and says why."""
+
+
+def pyav_available() -> bool:
+    return importlib.util.find_spec("av") is not None
+
+
+def readable_formats() -> str:
+    """What this installation reads, for help texts and error messages."""
+    if pyav_available():
+        return f"{SOUNDFILE_FORMATS}, and whatever FFmpeg decodes (M4A/AAC, MP4, WebM, ...)"
+    return f"{SOUNDFILE_FORMATS} (pip install av for M4A/AAC, MP4, WebM, ...)"
 
 
 def _check_path(path: Path) -> None:
@@ -40,11 +57,68 @@ def read_channels(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         data, sample_rate = sf.read(path, dtype="float32", always_2d=True)
     except sf.SoundFileError as err:
-        reason = getattr(err, "error_string", "") or str(err)
-        raise AudioFileError(f"{path}: cannot read audio ({reason.strip()})") from None
+        if not pyav_available():
+            reason = getattr(err, "error_string", "") or str(err)
+            raise _unreadable(path, reason) from None
+        data, sample_rate = _read_with_pyav(path)
     if data.shape[0] == 0:
         raise AudioFileError(f"{path}: contains no audio samples")
     return data, int(sample_rate)
+
+
+def probe(path: str | os.PathLike) -> None:
+    """Raise `AudioFileError` unless the file looks readable, reading only its header: lets a
+    command refuse bad inputs before a slow model load."""
+    path = Path(path)
+    _check_path(path)
+    try:
+        sf.info(path)
+        return
+    except (sf.SoundFileError, RuntimeError) as err:
+        if not pyav_available():
+            raise _unreadable(path, str(err).splitlines()[0]) from None
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioFileError(f"{path}: has no audio stream")
+    except av.FFmpegError as err:
+        raise _unreadable(path, _ffmpeg_reason(err)) from None
+
+
+def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with FFmpeg, keeping its rate and channels."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioFileError(f"{path}: has no audio stream")
+            stream = container.streams.audio[0]
+            channels = stream.codec_context.channels
+            resampler = av.AudioResampler(format="flt", layout=stream.layout, rate=stream.rate)
+            chunks = [
+                out.to_ndarray().reshape(-1, channels)
+                for frame in container.decode(stream)
+                for out in resampler.resample(frame)
+            ]
+            chunks += [out.to_ndarray().reshape(-1, channels) for out in resampler.resample(None)]
+            rate = stream.rate
+    except av.FFmpegError as err:
+        raise _unreadable(path, _ffmpeg_reason(err)) from None
+    data = np.concatenate(chunks) if chunks else np.zeros((0, channels), np.float32)
+    return np.ascontiguousarray(data, dtype=np.float32), int(rate)
+
+
+def _ffmpeg_reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err)
+
+
+def _unreadable(path: Path, reason: str) -> AudioFileError:
+    return AudioFileError(
+        f"{path}: cannot read audio ({reason.strip()}); readable formats: {readable_formats()}"
+    )
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:

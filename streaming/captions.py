@@ -43,7 +43,8 @@ Pop-on (`CaptionCue`), one sequence per channel, ids increasing across the sessi
   the last word's end, extended to at least `min_cue_ms` and to the time the text needs at
   `max_cps` characters per second (counting spaces). When speech is faster than `max_cps`, the
   extension pushes the next cue later: cues drift behind the speech until the next pause.
-  `max_cue_ms` bounds the speech in a cue, and no extension goes past it.
+  `max_cue_ms` bounds the speech in a cue, and no extension goes past it. In a file
+  (`cues_from_words` given the audio's length), no cue ends past the audio either.
 - `start_tc`/`end_tc`: programme time (audio time + `timecode_origin_ms`) as HH:MM:SS.mmm, the
   WebVTT timestamp form: exact to the millisecond and independent of a frame rate (25, 29.97
   drop-frame), which a SMPTE HH:MM:SS:FF code would have to assume.
@@ -55,7 +56,7 @@ import itertools
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple, Protocol
 
@@ -475,11 +476,52 @@ class Captions:
 # --- whole transcripts and files --------------------------------------------------------------
 
 
-def cues_from_words(words: list[Word], preset: int = 42) -> list[CaptionCue]:
-    """Pop-on cues of a whole transcript (times from its start), e.g. for SRT/WebVTT files."""
-    popon = PopOn(0, CaptionConfig(mode="popon", preset=preset), itertools.count(1).__next__)
-    ordered = sorted(words, key=lambda w: w.start_ms)
-    return [*popon.add(0, ordered), *popon.end_segment(0)]
+class _FilePopOn(PopOn):
+    """The pop-on cues of a whole file, noting where each cue's speech starts (`_within`)."""
+
+    def __init__(self, preset: int) -> None:
+        config = CaptionConfig(mode="popon", preset=preset)
+        super().__init__(0, config, itertools.count(1).__next__)
+        self.speech_starts: list[int] = []
+
+    def _cue(self, words: Sequence[Word]) -> CaptionCue:
+        self.speech_starts.append(words[0].start_ms)
+        return super()._cue(words)
+
+
+def cues_from_words(
+    words: list[Word], preset: int = 42, duration_ms: int | None = None
+) -> list[CaptionCue]:
+    """Pop-on cues of a whole transcript (times from its start), e.g. for SRT/WebVTT files.
+
+    `duration_ms`, the audio's length, bounds the cues: a player has no picture to show a cue
+    over after the audio ends, so the reading-time extensions stop there (`_within`).
+    """
+    popon = _FilePopOn(preset)
+    cues = [*popon.add(0, sorted(words, key=lambda w: w.start_ms)), *popon.end_segment(0)]
+    return cues if duration_ms is None else _within(cues, popon.speech_starts, duration_ms)
+
+
+def _within(cues: list[CaptionCue], speech_starts: list[int], duration_ms: int) -> list[CaptionCue]:
+    """The cues made to end by `duration_ms`, from the last one back: each ends by the audio's
+    end or the next cue's start. A cut cue that extensions had pushed behind its speech moves
+    back towards it to keep its length, cutting the cue before; one that cannot is shortened.
+    Cue i starts at i ms or later, so each keeps at least 1 ms: only audio shorter than 1 ms
+    per cue gets cues past its end."""
+    limit = max(duration_ms, len(cues))
+    out: list[CaptionCue] = []
+    for i in reversed(range(len(cues))):
+        cue = cues[i]
+        end = min(cue.end_ms, limit)
+        back = max(speech_starts[i], end - (cue.end_ms - cue.start_ms))
+        start = max(i, min(cue.start_ms, back, end - 1))
+        if (start, end) != (cue.start_ms, cue.end_ms):
+            cue = replace(
+                cue, start_ms=start, end_ms=end, start_tc=timestamp(start), end_tc=timestamp(end)
+            )
+        out.append(cue)
+        limit = start
+    return out[::-1]
 
 
 def to_srt(cues: Iterable[CaptionCue], offset_ms: int = 0) -> str:

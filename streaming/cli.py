@@ -1,7 +1,9 @@
-"""The `streamscribe` command: transcribe files, list model families, print the configuration.
+"""The `streamscribe` command: serve, stream, transcribe files, list models, print the
+configuration, run benchmarks.
 
-Exit status: 0 success, 1 some input file could not be read, 2 bad usage, configuration or
-model, 130 interrupted.
+Exit status, one rule for every verb: 0 success; 1 the input failed (a file could not be read,
+or a stream's session ended with an error or early); 2 bad usage, configuration, model or
+device, or no connection or port; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,21 +11,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import importlib.metadata
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import yaml
 from tqdm import tqdm
 
 from clients.stream_cli import add_stream_command
 from engine.api import Engine, Hypothesis, ModelLoadError, Segment
+from streaming.bench_cli import add_bench_command
 from streaming.captions import cues_from_words, to_srt, to_vtt
 from streaming.config import Config, ConfigError, load_config
 from streaming.logs import setup_logging
+
+if TYPE_CHECKING:
+    from engine.selection import ModelChoice
+    from streaming.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamscribe", description="Real-time speech-to-text: server and tools."
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help="YAML settings file (default: $STREAMSCRIBE_CONFIG)"
-    )
-    parser.add_argument(
-        "--log-level", metavar="LEVEL", help="debug, info, warning or error (logging.level)"
-    )
+    parser.add_argument("--version", action="version", version=f"streamscribe {_version()}")
+    _add_global_options(parser, argparse.SUPPRESS)
+    # Global options also work after the verb (`serve --config x.yaml`): each verb's parser has
+    # them too, defaulting to "not given" so the value given before the verb survives.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = functools.partial(commands.add_parser, parents=[common])
 
-    transcribe = commands.add_parser(
-        "transcribe", help="transcribe audio files (WAV, FLAC) and print the text"
+    transcribe = add_parser(
+        "transcribe",
+        help="transcribe audio files (WAV, FLAC, OGG/Opus, MP3, AIFF; M4A, MP4, WebM with PyAV)",
     )
     transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files to transcribe")
     transcribe.add_argument(
@@ -80,14 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transcribe.set_defaults(run=_transcribe)
 
-    models = commands.add_parser(
+    models = add_parser(
         "models", help="list the model families: installed?, default source, device"
     )
     models.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
     models.add_argument("--json", action="store_true", help="one JSON object per family")
     models.set_defaults(run=_list_models)
 
-    serve = commands.add_parser(
+    serve = add_parser(
         "serve", help="run the streaming server (WebSocket /v1/stream, /healthz, /metrics)"
     )
     serve.add_argument("--host", help="address to listen on (server.host)")
@@ -103,18 +114,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", metavar="PATH_OR_ID", help="auto, a family, a folder or a hub id (engine.model)"
     )
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
+    serve.add_argument(
+        "--batch", type=int, metavar="N", help="most requests per engine call (engine.max_batch)"
+    )
     serve.set_defaults(run=_serve)
 
+    # Clients of a server or of the benchmarks: they take their settings from their own flags.
     add_stream_command(commands)
+    add_bench_command(commands)
 
-    config = commands.add_parser("config", help="print the effective configuration as YAML")
+    config = add_parser("config", help="print the effective configuration as YAML")
     config.set_defaults(run=_print_config)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="YAML settings file (default: $STREAMSCRIBE_CONFIG)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default=default,
+        help="debug, info, warning or error (logging.level)",
+    )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("streamscribe")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of `python -m streaming`."""
     args = build_parser().parse_args(argv)
+    for name in ("config", "log_level"):  # given neither before nor after the verb
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    if args.command in ("stream", "bench") and (args.config or args.log_level):
+        print(
+            f"streamscribe: error: --config and --log-level set the server's settings; "
+            f"`{args.command}` takes its own flags (see streamscribe {args.command} --help)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
         return args.run(args)
     except (ConfigError, ModelLoadError) as exc:
@@ -137,7 +185,10 @@ def _print_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT (then drain); a model that cannot load stops the process."""
+    """Serve until SIGTERM/SIGINT (then drain); a model that cannot load stops the process.
+
+    Humans get plain lines on stdout (what loads, then the URLs once it is ready); the JSON logs
+    on stderr stay quiet at the default level, so a start-up failure is one line."""
     from engine import selection
     from streaming import eventloop, server
 
@@ -149,25 +200,62 @@ def _serve(args: argparse.Namespace) -> int:
             "server.http_port": args.http_port,
             "engine.model": args.model,
             "engine.device": args.device,
+            "engine.max_batch": args.batch,
         },
     )
+    engine_settings = dataclasses.asdict(cfg.engine)
+    choice = selection.choose_model(
+        cfg.engine.model,
+        granite_nar_model=cfg.engine.granite_nar_model,
+        whisper_model=cfg.engine.whisper_model,
+        device=cfg.engine.device,
+        granite_ar_model=cfg.engine.granite_ar_model,
+    )
+    selection.check_device(choice)
 
     def load() -> Engine:
-        return selection.load_engine(**dataclasses.asdict(cfg.engine))
+        return selection.load_engine(**engine_settings)
 
     try:
         run = eventloop.runner(cfg.server.event_loop)
     except RuntimeError as err:  # uvloop asked for and not installed
         print(f"streamscribe: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    print(f"streamscribe: loading {_model_name(choice)} on {choice.device} ...", flush=True)
     try:
-        error = run(server.run(cfg, load))
+        error = run(server.run(cfg, load, on_ready=functools.partial(_print_ready, choice)))
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
         error = f"cannot listen: {err.strerror or err}"
     if error:
         print(f"streamscribe: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _model_name(choice: ModelChoice) -> str:
+    family, source = choice.family, choice.source
+    return family if not source or source == family else f"{family} ({source})"
+
+
+def _print_ready(choice: ModelChoice, gateway: Gateway) -> None:
+    """The few lines a person needs once the model is loaded: what runs, and where to connect."""
+    server = gateway.config.server
+    wildcard = server.host in ("0.0.0.0", "::", "")
+    host = "127.0.0.1" if wildcard else server.host
+    host = f"[{host}]" if ":" in host else host
+    base = f"{host}:{gateway.port}"
+    lines = [
+        f"streamscribe {_version()} ready: {_model_name(choice)} on "
+        f"{gateway.scheduler.engine.device}"
+        + (" (listening on every interface)" if wildcard else ""),
+        f"  streams   ws://{base}/v1/stream   (Deepgram /v1/listen, OpenAI /v1/realtime, "
+        "Twilio /v1/telephony/twilio)",
+        f"  browser   http://{base}/",
+    ]
+    if gateway.rest is not None:
+        lines.append(f"  REST      http://{host}:{gateway.rest.port}/v1/audio/transcriptions")
+    lines += [f"  health    http://{base}/readyz   metrics http://{base}/metrics", "Ctrl-C stops."]
+    print("\n".join(lines), flush=True)
 
 
 def _list_models(args: argparse.Namespace) -> int:
@@ -185,14 +273,15 @@ def _list_models(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
         return EXIT_OK
-    table = [("FAMILY", "INSTALLED", "DEVICE", "SOURCE")]
+    table = [("FAMILY", "CODE", "WEIGHTS", "DEVICE")]
     for row in rows:
         missing = " ".join(row["missing_packages"])
-        installed = "yes" if row["installed"] else f"no (pip install {missing})"
-        table.append((row["family"], installed, row["device"], row["source"]))
-    w1, w2, w3 = (max(len(line[i]) for line in table) for i in range(3))
-    for family, installed, device, source in table:
-        print(f"{family:<{w1}}  {installed:<{w2}}  {device:<{w3}}  {source}")
+        code = "installed" if row["installed"] else f"missing (pip install {missing})"
+        weights = row["weights"] if row["weights_present"] else f"not here ({row['weights']})"
+        table.append((row["family"], code, weights, row["device"]))
+    widths = [max(len(line[i]) for line in table) for i in range(3)]
+    for family, code, weights, device in table:
+        print(f"{family:<{widths[0]}}  {code:<{widths[1]}}  {weights:<{widths[2]}}  {device}")
     return EXIT_OK
 
 
@@ -206,37 +295,60 @@ def _transcribe(args: argparse.Namespace) -> int:
     )
     # Imported here so that commands which need no model stay light.
     from engine import selection
-    from streaming.audiofile import AudioFileError, read_audio
+    from streaming.audiofile import AudioFileError, probe, read_audio
+
+    # Inputs and the output are checked before the model loads (seconds to minutes), so a typo
+    # is reported at once; a file that fails only later is still reported in its place.
+    refused: dict[str, str] = {}
+    for path in args.files:
+        try:
+            probe(path)
+        except AudioFileError as exc:
+            refused[path] = str(exc)
+    if len(refused) == len(args.files):
+        for reason in refused.values():
+            print(f"streamscribe: {reason}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as exc:
+        print(f"streamscribe: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
 
     def read(path: str) -> Segment | str:
+        if path in refused:
+            return refused[path]
         try:
             audio, sample_rate = read_audio(path)
         except AudioFileError as exc:
             return str(exc)
         return Segment(audio=audio, sample_rate=sample_rate)
 
-    started = time.monotonic()
-    engine = selection.load_engine(**dataclasses.asdict(cfg.engine))
-    log.info(
-        "engine loaded",
-        extra={
-            "family": engine.family,
-            "device": engine.device,
-            "load_s": round(time.monotonic() - started, 2),
-        },
-    )
+    with out if args.output else contextlib.nullcontext():
+        started = time.monotonic()
+        engine = selection.load_engine(**dataclasses.asdict(cfg.engine))
+        log.info(
+            "engine loaded",
+            extra={
+                "family": engine.family,
+                "device": engine.device,
+                "load_s": round(time.monotonic() - started, 2),
+            },
+        )
+        return _transcribe_files(engine, args, read, out, cfg.engine.max_batch)
+
+
+def _transcribe_files(
+    engine: Engine,
+    args: argparse.Namespace,
+    read: Callable[[str], Segment | str],
+    out: TextIO,
+    max_batch: int,
+) -> int:
     show_bar = args.progress or (len(args.files) >= 2 and sys.stderr.isatty())
     unreadable = 0
-    try:
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    except OSError as exc:
-        print(f"streamscribe: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
-        return EXIT_ERROR
-    with (
-        out if args.output else contextlib.nullcontext(),
-        tqdm(total=len(args.files), unit="file", file=sys.stderr, disable=not show_bar) as bar,
-    ):
-        for batch in _batches(args.files, read, cfg.engine.max_batch):
+    with tqdm(total=len(args.files), unit="file", file=sys.stderr, disable=not show_bar) as bar:
+        for batch in _batches(args.files, read, max_batch):
             for path, result in _run_batch(engine, batch):
                 if isinstance(result, Hypothesis):
                     _write_result(out, path, result, args.format, several=len(args.files) > 1)
@@ -288,7 +400,9 @@ def _run_batch(engine: Engine, batch: Batch) -> list[tuple[str, Hypothesis | str
 
 def _write_result(out: TextIO, path: str, hyp: Hypothesis, fmt: str, several: bool) -> None:
     if fmt in CAPTION_FORMATS:
-        out.write(CAPTION_FORMATS[fmt](cues_from_words(hyp.words)))
+        # No cue may end past the audio; an engine that leaves `duration_ms` 0 does not say it.
+        cues = cues_from_words(hyp.words, duration_ms=hyp.duration_ms or None)
+        out.write(CAPTION_FORMATS[fmt](cues))
         return
     if fmt == "json":
         line = json.dumps({"file": path, **hyp.to_dict()}, ensure_ascii=False)

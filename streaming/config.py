@@ -19,6 +19,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from engine.api import primary_language
+
 ENV_PREFIX = "STREAMSCRIBE_"
 CONFIG_ENV = "STREAMSCRIBE_CONFIG"
 DEFAULT_SOURCE = "default"
@@ -229,6 +231,32 @@ def override_section(section: str, base: Any, values: Mapping[str, object], sour
             )
         chosen[name] = (_convert(name, raw, hints[name], fields[name].metadata, source), source)
     return _build(section, cls, chosen)
+
+
+def session_options(
+    base: SessionConfig,
+    values: Mapping[str, object],
+    source: str,
+    languages: frozenset[str] | None,
+) -> SessionConfig:
+    """A client's session options over `base`, validated like the config file and, when they
+    name a `language`, against the loaded model's `languages` (None: any). Raises ConfigError."""
+    options = override_section("session", base, values, source)
+    if "language" in values:
+        check_language(options.language, languages, f"session option language (from {source})")
+    return options
+
+
+def check_language(language: str, languages: frozenset[str] | None, what: str) -> None:
+    """Refuse a language the model cannot transcribe: it would write the speech out in one it
+    knows, wrong without a word of warning. Tags compare by primary subtag (`en-US` is `en`);
+    empty leaves the language to the model."""
+    if not language or languages is None or primary_language(language) in languages:
+        return
+    raise ConfigError(
+        f"{what} = {language!r}: the loaded model does not transcribe it; "
+        f"its languages: {', '.join(sorted(languages))}"
+    )
 
 
 def _file_layer(

@@ -143,3 +143,4 @@ class EngineRequest:
     hotwords: tuple[str, ...] = ()
     window: Window = WHOLE_SEGMENT  # which part of the segment `audio` is (partials)
     first_text: bool = False  # a partial of a segment that has shown no words yet
+    language: str | None = None  # Segment.language: a primary subtag, or None for the model's

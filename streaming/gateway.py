@@ -19,11 +19,11 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from engine.api import Segment
+from engine.api import Segment, engine_languages
 from engine.scheduler import Outcome, Request, Scheduler
 from streaming.calls import CallHub
 from streaming.captions import CaptionStore
-from streaming.config import Config, ConfigError, override_section
+from streaming.config import Config, ConfigError, session_options
 from streaming.dialects.base import (
     Audio,
     Close,
@@ -103,6 +103,7 @@ class Connection:
         self.query = query
         self.config = config
         self.scheduler = scheduler
+        self.languages = engine_languages(scheduler.engine)  # what a session may ask for
         self.metrics = metrics
         self.calls = calls
         self.captions = captions  # pop-on cues kept for GET .../captions.vtt|srt
@@ -146,8 +147,8 @@ class Connection:
             await self._fail("invalid_config", opening.error, CLOSE_BAD_CONFIG)
             return
         try:
-            options = override_section(
-                "session", self.config.session, opening.options, "query string"
+            options = session_options(
+                self.config.session, opening.options, "query string", self.languages
             )
             self.session = Session(self.id, options)
         except (ConfigError, ValueError) as err:
@@ -324,8 +325,8 @@ class Connection:
                 )
                 return False
             try:
-                options = override_section(
-                    "session", session.options, command.options, "session.start"
+                options = session_options(
+                    session.options, command.options, "session.start", self.languages
                 )
                 self.session = Session(self.id, options)
             except (ConfigError, ValueError) as err:  # ValueError: options that clash
@@ -335,8 +336,8 @@ class Connection:
             await self._emit(self.session.start())
         elif isinstance(command, Update):
             try:
-                options = override_section(
-                    "session", session.options, command.options, "session.update"
+                options = session_options(
+                    session.options, command.options, "session.update", self.languages
                 )
             except ConfigError as err:
                 await self._emit([ErrorEvent("invalid_config", str(err))])
@@ -345,6 +346,8 @@ class Connection:
             session.stability = StabilityConfig(options.stable_agreement, options.stable_settle_ms)
             if command.hotwords is not None:
                 session.hotwords = command.hotwords
+            if command.reply is not None:
+                await self._emit([command.reply])
         elif isinstance(command, Finalize):
             await self._emit(session.finalize())
         elif isinstance(command, Close):
@@ -441,6 +444,7 @@ class Connection:
                     np.asarray(item.audio, dtype=np.float32),
                     hotwords=item.hotwords,
                     prefix=item.window.prefix,
+                    language=item.language,
                 ),
                 done,
                 first_text=item.first_text,

@@ -5,7 +5,8 @@ process and event loop, on its own port (`server.http_port`), started and stoppe
 It never calls the model: an upload is decoded and resampled here, then submitted as ONE final
 request to the gateway's scheduler, so files batch with the finals of live streams (the engine
 cuts long audio into windows itself). Response formats json, text, verbose_json (segments and
-words), srt and vtt; `stream=true` answers with server-sent events. Errors have OpenAI's shape,
+words), srt and vtt (the pop-on cues and writers of streaming/captions.py, as the CLI writes
+them); `stream=true` answers with server-sent events. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -18,7 +19,6 @@ import logging
 import math
 import uuid
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,10 +26,18 @@ import numpy as np
 import soundfile as sf
 from aiohttp import BodyPartReader, web
 
-from engine.api import TARGET_SAMPLE_RATE, Hypothesis, Segment, Word
+from engine.api import (
+    TARGET_SAMPLE_RATE,
+    Hypothesis,
+    Segment,
+    Word,
+    engine_languages,
+    primary_language,
+)
 from engine.audio import resample
 from engine.scheduler import Outcome, Request
-from streaming.config import parse_bool
+from streaming.captions import cues_from_words, to_srt, to_vtt
+from streaming.config import ConfigError, check_language, parse_bool
 
 if TYPE_CHECKING:
     from streaming.server import Gateway
@@ -46,8 +54,7 @@ RETRY_AFTER_S = 5
 SENTENCE_END = (".", "?", "!", "…")
 # verbose_json segments: a new one after a sentence, a pause, or 30 s (Whisper's window).
 SEGMENT_PAUSE_MS, SEGMENT_MAX_MS = 1000, 30000
-# Subtitle cues: at most 2 lines of 42 characters and 7 s; a new cue after a sentence or a pause.
-CUE_LINES, CUE_LINE_CHARS, CUE_MAX_MS, CUE_PAUSE_MS, CUE_MIN_MS = 2, 42, 7000, 1500, 200
+SUBTITLES = {"srt": (to_srt, "text/plain"), "vtt": (to_vtt, "text/vtt")}  # writer, content type
 
 
 class ApiError(Exception):
@@ -127,9 +134,10 @@ class RestServer:
             self._authorize(request)
             self._check_ready()
             form = await read_form(request, gateway.config.server.max_upload_bytes)
+            language = self._language(form)
             audio = await asyncio.to_thread(decode_upload, form.audio, form.filename)
             hotwords = (form.prompt,) if form.prompt.strip() else ()
-            hypothesis = await self._submit(audio, hotwords)
+            hypothesis = await self._submit(audio, hotwords, language)
         except ApiError as err:
             gateway.metrics.errors.labels(err.code).inc()
             return err.response()
@@ -139,10 +147,9 @@ class RestServer:
             "file transcribed",
             extra={"duration_s": round(duration_s, 3), "format": form.response_format},
         )
-        language = form.language or gateway.config.session.language
         if form.stream:
             return await stream_events(request, hypothesis.text)
-        return render(form, hypothesis, duration_s, language)
+        return render(form, hypothesis, len(audio), language)
 
     def _authorize(self, request: web.Request) -> None:
         keys = self.gateway.keys
@@ -165,7 +172,21 @@ class RestServer:
         message = gateway.engine_error or f"server unavailable: {reason}"
         raise ApiError(503, message, code=reason, kind="server_error")
 
-    async def _submit(self, audio: np.ndarray, hotwords: tuple[str, ...]) -> Hypothesis:
+    def _language(self, form: Form) -> str:
+        """The upload's language, else the server's default (checked when the model loaded);
+        one the model cannot transcribe is refused rather than turned into wrong text."""
+        if not form.language:
+            return self.gateway.config.session.language
+        languages = engine_languages(self.gateway.scheduler.engine)
+        try:
+            check_language(form.language, languages, "language")
+        except ConfigError as err:
+            raise ApiError(400, str(err), param="language", code="invalid_value") from None
+        return form.language
+
+    async def _submit(
+        self, audio: np.ndarray, hotwords: tuple[str, ...], language: str
+    ) -> Hypothesis:
         """One final request to the scheduler; its answer comes back on the worker thread."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
@@ -175,7 +196,12 @@ class RestServer:
 
         key = ("openai_rest", uuid.uuid4().hex)
         self.gateway.scheduler.submit(
-            Request("final", key, Segment(audio, hotwords=hotwords), done)
+            Request(
+                "final",
+                key,
+                Segment(audio, hotwords=hotwords, language=primary_language(language) or None),
+                done,
+            )
         )
         outcome = await future
         if outcome.hypothesis is None:
@@ -332,18 +358,20 @@ def decode_upload(data: bytes, filename: str) -> np.ndarray:
 # --- answering ---------------------------------------------------------------------------------
 
 
-def render(form: Form, hyp: Hypothesis, duration_s: float, language: str) -> web.Response:
-    """The non-streamed answer in the requested response_format."""
+def render(form: Form, hyp: Hypothesis, samples: int, language: str) -> web.Response:
+    """The non-streamed answer in the requested response_format, for `samples` of 16 kHz audio."""
+    duration_s = samples / TARGET_SAMPLE_RATE
+    duration_ms = samples * 1000 // TARGET_SAMPLE_RATE  # whole ms, so no cue ends past the audio
     usage = {"type": "duration", "seconds": round(duration_s, 3)}
     if form.response_format == "json":
         return web.json_response({"text": hyp.text, "usage": usage})
     if form.response_format == "text":
         return web.Response(text=hyp.text + "\n", content_type="text/plain")
-    words = timed_words(hyp, round(duration_s * 1000))
-    if form.response_format == "srt":
-        return web.Response(text=to_srt(cues(words)), content_type="text/plain")
-    if form.response_format == "vtt":
-        return web.Response(text=to_vtt(cues(words)), content_type="text/vtt")
+    words = timed_words(hyp, duration_ms)
+    if form.response_format in SUBTITLES:
+        write, content_type = SUBTITLES[form.response_format]
+        cues = cues_from_words(words, duration_ms=duration_ms)
+        return web.Response(text=write(cues), content_type=content_type)
     body: dict = {
         "task": "transcribe",
         "language": language,
@@ -351,7 +379,7 @@ def render(form: Form, hyp: Hypothesis, duration_s: float, language: str) -> web
         "text": hyp.text,
     }
     if "segment" in form.granularities:
-        groups = _groups(words, SEGMENT_MAX_MS, SEGMENT_PAUSE_MS, lambda _: True)
+        groups = _groups(words)
         body["segments"] = [_segment(i, group) for i, group in enumerate(groups)]
     if "word" in form.granularities:
         body["words"] = [
@@ -401,20 +429,17 @@ def timed_words(hyp: Hypothesis, duration_ms: int) -> list[Word]:
     return spread
 
 
-def _groups(
-    words: list[Word], max_ms: int, pause_ms: int, fits: Callable[[list[Word]], bool]
-) -> list[list[Word]]:
-    """Consecutive words in groups that end after a sentence, before a pause of `pause_ms`,
-    within `max_ms`, and while `fits` accepts them."""
+def _groups(words: list[Word]) -> list[list[Word]]:
+    """Consecutive words in verbose_json segments that end after a sentence, before a pause of
+    `SEGMENT_PAUSE_MS`, and within `SEGMENT_MAX_MS`."""
     groups: list[list[Word]] = []
     for word in words:
         group = groups[-1] if groups else None
         if (
             group
             and not group[-1].word.endswith(SENTENCE_END)
-            and word.start_ms - group[-1].end_ms < pause_ms
-            and word.end_ms - group[0].start_ms <= max_ms
-            and fits([*group, word])
+            and word.start_ms - group[-1].end_ms < SEGMENT_PAUSE_MS
+            and word.end_ms - group[0].start_ms <= SEGMENT_MAX_MS
         ):
             group.append(word)
         else:
@@ -440,63 +465,3 @@ def _segment(index: int, words: list[Word]) -> dict:
         "compression_ratio": round(len(raw) / len(zlib.compress(raw)), 4),
         "no_speech_prob": 0.0,
     }
-
-
-# --- subtitles ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cue:
-    start_ms: int
-    end_ms: int
-    lines: list[str]
-
-
-def cues(words: list[Word]) -> list[Cue]:
-    """Subtitle cues of at most 2 lines of 42 characters and 7 s, never overlapping."""
-    out: list[Cue] = []
-    floor = 0
-    for group in _groups(words, CUE_MAX_MS, CUE_PAUSE_MS, lambda ws: len(_wrap(ws)) <= CUE_LINES):
-        start = max(group[0].start_ms, floor)
-        end = max(group[-1].end_ms, start + CUE_MIN_MS)
-        out.append(Cue(start, end, _wrap(group)))
-        floor = end
-    return out
-
-
-def _wrap(words: list[Word]) -> list[str]:
-    lines: list[str] = []
-    for word in words:
-        if lines and len(lines[-1]) + 1 + len(word.word) <= CUE_LINE_CHARS:
-            lines[-1] += " " + word.word
-        else:
-            lines.append(word.word)
-    return lines
-
-
-def _clock(ms: int, separator: str) -> str:
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    seconds, millis = divmod(rest, 1000)
-    return f"{hours:02d}:{minutes:02d}:{seconds:02d}{separator}{millis:03d}"
-
-
-def to_srt(cue_list: list[Cue]) -> str:
-    return "".join(
-        f"{i}\n{_clock(c.start_ms, ',')} --> {_clock(c.end_ms, ',')}\n"
-        + "\n".join(c.lines)
-        + "\n\n"
-        for i, c in enumerate(cue_list, 1)
-    )
-
-
-def to_vtt(cue_list: list[Cue]) -> str:
-    def escape(line: str) -> str:
-        return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-    return "WEBVTT\n\n" + "".join(
-        f"{_clock(c.start_ms, '.')} --> {_clock(c.end_ms, '.')}\n"
-        + "\n".join(escape(line) for line in c.lines)
-        + "\n\n"
-        for c in cue_list
-    )

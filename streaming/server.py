@@ -22,12 +22,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from engine.api import Engine
+from engine.api import Engine, ModelLoadError, engine_languages
 from engine.scheduler import Scheduler, SchedulerConfig
 from streaming import audiosocket
 from streaming.calls import CallHub, call_events_id
 from streaming.captions import CaptionStore, to_srt, to_vtt
-from streaming.config import Config
+from streaming.config import Config, check_language
 from streaming.dialects.audiofork import AudioForkDialect
 from streaming.dialects.base import Dialect
 from streaming.dialects.deepgram import DeepgramDialect
@@ -125,9 +125,14 @@ class Gateway:
     def _load(self) -> None:
         try:
             engine = self.load_engine()
-        except Exception as err:  # reported by /readyz and the log; the process keeps serving
-            self.engine_error = f"{type(err).__name__}: {err}"
-            log.error("engine failed to load", extra={"error": self.engine_error})
+            # every stream starts from the default language: a model without it serves none
+            check_language(
+                self.config.session.language, engine_languages(engine), "session.language"
+            )
+        except Exception as err:  # reported by /readyz; `run` stops the process with the reason
+            loading = isinstance(err, ModelLoadError)
+            self.engine_error = str(err) if loading else f"{type(err).__name__}: {err}"
+            log.info("engine failed to load", extra={"error": self.engine_error})
             return
         scheduler = Scheduler(
             engine,
@@ -312,14 +317,19 @@ def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) ->
     return next((name for name in offered if name.lower() in AUTH_SUBPROTOCOLS), None)
 
 
-async def run(config: Config, load_engine: Callable[[], Engine]) -> str | None:
+async def run(
+    config: Config,
+    load_engine: Callable[[], Engine],
+    on_ready: Callable[[Gateway], None] | None = None,
+) -> str | None:
     """Serve until SIGTERM/SIGINT, then drain. Returns the reason when the engine could not be
-    loaded (the process should exit with an error), else None."""
+    loaded (the process should exit with an error), else None. `on_ready` is called once the
+    model is loaded (the port answers /healthz before that)."""
     gateway = Gateway(config, load_engine)
     await gateway.start()
     http_port = gateway.rest.port if gateway.rest is not None else None
     loop = asyncio.get_running_loop()
-    log.warning(
+    log.info(
         "listening",
         extra={
             "host": config.server.host,
@@ -334,8 +344,10 @@ async def run(config: Config, load_engine: Callable[[], Engine]) -> str | None:
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait((stopping, gateway.loading), return_when=asyncio.FIRST_COMPLETED)
     if gateway.engine_error is None:
+        if gateway.scheduler is not None and on_ready is not None:
+            on_ready(gateway)
         await stopping
     stopping.cancel()
-    log.warning("draining", extra={"sessions": len(gateway.connections)})
+    log.info("draining", extra={"sessions": len(gateway.connections)})
     await gateway.drain()
     return gateway.engine_error

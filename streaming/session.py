@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.api import TARGET_SAMPLE_RATE, Hypothesis, Word
+from engine.api import TARGET_SAMPLE_RATE, Hypothesis, Word, primary_language
 from streaming.audio import AudioDecoder, AudioFormat
 from streaming.captions import CaptionConfig, Captions
 from streaming.config import SessionConfig
@@ -243,7 +243,17 @@ class Session:
         channel.shown_rev.pop(seg, None)
         channel.texted.discard(seg)
         self.captions.closed(channel.index, seg)
-        return [EngineRequest("final", channel.index, seg, 0, event.audio, self.hotwords)]
+        return [
+            EngineRequest(
+                "final",
+                channel.index,
+                seg,
+                0,
+                event.audio,
+                self.hotwords,
+                language=self._language(),
+            )
+        ]
 
     def _maybe_partial(self, channel: ChannelState) -> list[Output]:
         if not self.options.interim_results:
@@ -275,8 +285,14 @@ class Session:
                 self.hotwords,
                 window=window,
                 first_text=segment_id not in channel.texted,
+                language=self._language(),
             )
         ]
+
+    def _language(self) -> str | None:
+        """The session's `language` as engines take it (read per request: `session.update`
+        may change it); empty leaves it to the model."""
+        return primary_language(self.options.language) or None
 
     def _on_partial(
         self, channel: ChannelState, request: EngineRequest, hypothesis: Hypothesis | None

@@ -11,11 +11,13 @@ are escaped. SRT (SubRip): blocks separated by blank lines, each a counter from 
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import os
 import re
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -23,6 +25,7 @@ import soundfile as sf
 from engine.api import Hypothesis, Segment, Word
 from streaming.captions import cues_from_words, to_srt, to_vtt
 from streaming.cli import main
+from tests.gateway_harness import gateway_config, running
 from tests.streams import joined, librivox_clips
 
 VTT_TIME = r"(?:(\d{2,}):)?([0-5]\d):([0-5]\d)\.(\d{3})"
@@ -208,6 +211,43 @@ def test_silence_gives_an_empty_but_valid_file(monkeypatch, wav, capsys):
     assert parse_vtt(capsys.readouterr().out) == []
 
 
+# --- the CLI and the OpenAI-compatible endpoint: one cue builder and writer -----------------
+
+
+def rest_captions(data: bytes, fmt: str) -> str:
+    """The file's captions from POST /v1/audio/transcriptions, served with WordsEngine."""
+
+    def post(port: int) -> str:
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+            files={"file": ("talk.wav", data), "response_format": (None, fmt)},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return response.text
+
+    async def serve() -> str:
+        async with running(gateway_config(), WordsEngine()) as gw:
+            return await asyncio.to_thread(post, gw.rest.port)
+
+    return asyncio.run(serve())
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_cli_and_rest_endpoint_write_the_same_captions(fmt, fake, tmp_path, capsys):
+    """The same words and audio give byte-identical files, whose last cue, held for reading
+    after fast speech, still ends with the 7.1 s of audio."""
+    path = tmp_path / "short.wav"
+    sf.write(path, np.zeros(113_600, dtype=np.float32), 16000, subtype="PCM_16")
+    assert main(["transcribe", "--format", fmt, str(path)]) == 0
+    from_cli = capsys.readouterr().out
+    assert rest_captions(path.read_bytes(), fmt) == from_cli
+    cues = parse_srt(from_cli) if fmt == "srt" else parse_vtt(from_cli)
+    assert words_of(cues) == SPEECH.split() and cues[-1][1] <= 7100
+    for (start, end, _), (next_start, _, _) in zip(cues, cues[1:], strict=False):
+        assert start < end <= next_start
+
+
 # --- the CLI with the tiny Granite checkpoint --------------------------------------------------
 
 
@@ -223,7 +263,7 @@ def test_tiny_granite_checkpoint_captions(fmt, tiny_checkpoint, tiny_engine, tmp
     out = capsys.readouterr().out
     (expected,) = tiny_engine.transcribe([Segment(audio)])
     write = to_srt if fmt == "srt" else to_vtt
-    assert out == write(cues_from_words(expected.words))
+    assert out == write(cues_from_words(expected.words, duration_ms=expected.duration_ms))
     cues = parse_srt(out) if fmt == "srt" else parse_vtt(out)
     assert cues, "the tiny checkpoint should emit printable characters on speech"
     check_file_cues(cues)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.api import Word
 from streaming.captions import (
@@ -529,3 +532,58 @@ def test_store_keeps_recent_sessions_within_its_bounds():
     assert [c.id for c in store.cues("c")[0]] == [3, 4, 5, 6, 7]  # its oldest cues dropped
     store.add("a", cue(9, 0, 1000))  # forgotten sessions are not kept again
     assert store.total == 5
+
+
+# --- files: cues within the audio -----------------------------------------------------------
+
+
+def test_the_last_cue_ends_with_the_audio():
+    """A cue held for reading (1 s at least) would end past a file that ends 100 ms after it."""
+    words = timed("Yes.")
+    duration = words[-1].end_ms + 100
+    (cue,) = cues_from_words(words, duration_ms=duration)
+    assert (cue.start_ms, cue.end_ms, cue.end_tc) == (0, duration, timestamp(duration))
+
+
+def test_cues_pushed_past_the_audio_move_back_towards_their_speech():
+    """Speech much faster than 17 cps to the file's end pushed the cues 16 s behind it: cut at
+    the audio's end, they move back, each still shown after its speech starts, none squeezed."""
+    words = timed(PROSE, cps=30.0)
+    duration = words[-1].end_ms + 100
+    cues = cues_from_words(words, duration_ms=duration)
+    assert cues_from_words(words)[-1].end_ms > duration + 10_000
+    assert cues[-1].end_ms <= duration
+    first_words = itertools.accumulate((len(" ".join(c.lines).split()) for c in cues), initial=0)
+    for cue, first in zip(cues, first_words, strict=False):
+        assert cue.start_ms >= words[first].start_ms and cue.end_ms - cue.start_ms >= 500
+
+
+@st.composite
+def transcripts(draw) -> tuple[list[Word], int]:
+    """Words one after another (some after a pause), and an audio duration close to the last
+    word's end: a little after it, or a little before when an engine's times overrun."""
+    tokens = draw(st.lists(st.text("abcdeABC.,?", min_size=1, max_size=12), min_size=1))
+    words, t = [], 0
+    for token in tokens:
+        t += draw(st.integers(0, 1500))
+        length = draw(st.integers(1, 900))
+        words.append(Word(token, t, t + length, 0.9))
+        t += length
+    return words, max(t + draw(st.integers(-500, 1000)), len(words))
+
+
+@settings(max_examples=300, deadline=None)
+@given(transcripts())
+def test_file_cues_never_end_past_the_audio(transcript):
+    words, duration = transcript
+    cues = cues_from_words(words, duration_ms=duration)
+    assert cues[-1].end_ms <= duration
+    for cue in cues:
+        assert 0 <= cue.start_ms < cue.end_ms
+        assert (cue.start_tc, cue.end_tc) == (timestamp(cue.start_ms), timestamp(cue.end_ms))
+    for before, after in zip(cues, cues[1:], strict=False):
+        assert before.end_ms <= after.start_ms and before.id < after.id
+    assert cue_words(cues) == [w.word for w in words]
+    unbounded = cues_from_words(words)
+    if unbounded[-1].end_ms <= duration:
+        assert cues == unbounded  # the bound changes nothing that it does not have to

@@ -293,51 +293,90 @@ def no_gpu_no_loading(monkeypatch):
 def table(out: str) -> dict[str, list[str]]:
     """Rows of the `models` table by family, split on runs of two or more spaces."""
     header, *rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
-    assert header == ["FAMILY", "INSTALLED", "DEVICE", "SOURCE"]
+    assert header == ["FAMILY", "CODE", "WEIGHTS", "DEVICE"]
     return {row[0]: row[1:] for row in rows}
 
 
-def test_models_lists_every_family_with_source_and_device(no_gpu_no_loading, capsys):
+def test_models_lists_every_family_with_code_weights_and_device(no_gpu_no_loading, capsys):
     from engine import whisper
 
     assert main(["models"]) == 0
     rows = table(capsys.readouterr().out)
-    whisper_installed = "yes" if whisper.missing_packages("tiny.en") == [] else "no"
-    assert rows["granite-nar"] == ["yes", "cpu", "ibm-granite/granite-speech-4.1-2b-nar"]
-    assert rows["whisper"][0].split()[0] == whisper_installed
-    assert rows["whisper"][1:] == ["cpu", "tiny.en"]
-    assert rows["granite-ar"] == ["yes", "cpu", "ibm-granite/granite-speech-4.1-2b"]
-    assert set(rows) == {"granite-nar", "granite-ar", "whisper"}
+    whisper_code = "installed" if whisper.missing_packages("tiny.en") == [] else "missing"
+    nar_hub = "ibm-granite/granite-speech-4.1-2b-nar"
+    assert rows["granite-nar"][0] == "installed" and rows["granite-nar"][2] == "cpu"
+    assert nar_hub in rows["granite-nar"][1]
+    assert rows["whisper"][0].split()[0] == whisper_code and rows["whisper"][2] == "cpu"
+    assert rows["noop"] == ["installed", "none needed", "cpu"]
+    assert set(rows) == {"granite-nar", "granite-ar", "whisper", "noop"}
 
 
-def test_models_json_follows_configuration_and_flags(no_gpu_no_loading, monkeypatch, capsys):
+def test_models_json_follows_configuration_and_flags(
+    no_gpu_no_loading, monkeypatch, tmp_path, capsys
+):
     monkeypatch.setenv("STREAMSCRIBE_ENGINE__WHISPER_MODEL", "base")
-    monkeypatch.setenv("STREAMSCRIBE_ENGINE__GRANITE_NAR_MODEL", "/models/granite-nar")
+    monkeypatch.setenv("STREAMSCRIBE_ENGINE__GRANITE_NAR_MODEL", str(tmp_path))
     monkeypatch.setenv("STREAMSCRIBE_ENGINE__GRANITE_AR_MODEL", "/models/granite-ar")
     assert main(["models", "--json", "--device", "cuda:1"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by_family = {line["family"]: line for line in lines}
-    assert len(lines) == len(by_family) == 3
+    assert len(lines) == len(by_family) == 4
     assert by_family["granite-ar"]["source"] == "/models/granite-ar"
     for line in lines:
-        assert set(line) == {"family", "installed", "missing_packages", "source", "device"}
-        assert line["device"] == "cuda:1"
+        assert set(line) == {
+            "family", "installed", "missing_packages", "weights_present", "weights", "source",
+            "device",
+        }  # fmt: skip
+        assert line["device"] == ("cpu" if line["family"] == "noop" else "cuda:1")
         assert line["installed"] is (line["missing_packages"] == [])
     assert by_family["whisper"]["source"] == "base"
-    assert by_family["granite-nar"]["source"] == "/models/granite-nar"
+    nar, ar = by_family["granite-nar"], by_family["granite-ar"]
+    assert (nar["source"], nar["weights_present"], nar["weights"]) == (
+        str(tmp_path), True, str(tmp_path)
+    )  # fmt: skip
+    assert ar["weights_present"] is False and ar["weights"] == "no folder /models/granite-ar"
 
 
 def test_models_names_the_packages_to_install(no_gpu_no_loading, monkeypatch, capsys):
     monkeypatch.setattr("engine.whisper.missing_packages", lambda source: ["faster-whisper"])
     assert main(["models"]) == 0
-    assert table(capsys.readouterr().out)["whisper"][0] == "no (pip install faster-whisper)"
+    assert table(capsys.readouterr().out)["whisper"][0] == "missing (pip install faster-whisper)"
     assert main(["models", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     (row,) = [line for line in lines if line["family"] == "whisper"]
     assert (row["installed"], row["missing_packages"]) == (False, ["faster-whisper"])
 
 
+def test_serve_flags_reach_the_configuration(monkeypatch):
+    seen = {}
+
+    def run(cfg, load, on_ready=None):
+        seen["cfg"] = cfg
+
+        async def served():
+            return None
+
+        return served()
+
+    monkeypatch.setattr("streaming.server.run", run)
+    argv = ["serve", "--model", "noop", "--batch", "4", "--port", "0", "--log-level", "error"]
+    assert main(argv) == 0
+    engine = seen["cfg"].engine
+    assert (engine.model, engine.max_batch, seen["cfg"].logging.level) == ("noop", 4, "error")
+
+
 def test_models_bad_device_is_a_config_error(no_gpu_no_loading, capsys):
     assert main(["models", "--device", "tpu"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "engine.device" in err and "Traceback" not in err
+
+
+def test_srt_of_a_short_file_ends_within_its_audio(tmp_path, capsys):
+    """The noop engine's last word ends 50 ms before the 7.55 s file does: its cue, held 1 s for
+    reading, must still end with the audio."""
+    path = tmp_path / "short.wav"
+    sf.write(path, np.zeros(120_800, dtype=np.int16), 16000)
+    assert main(["transcribe", "--model", "noop", "--format", "srt", str(path)]) == 0
+    ends = re.findall(r" --> (\d\d):(\d\d):(\d\d),(\d\d\d)", capsys.readouterr().out)
+    hours, minutes, seconds, millis = map(int, ends[-1])
+    assert ((hours * 60 + minutes) * 60 + seconds) * 1000 + millis <= 7550

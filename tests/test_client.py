@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,8 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clients.client import (
     ClientError,
@@ -310,14 +313,14 @@ def test_read_pcm_keeps_accepted_rates_and_converts_the_rest(tmp_path):
 # --- the stream command -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server_url():
-    """A gateway on its own thread and loop, since the command runs its own `asyncio.run`."""
+@contextlib.contextmanager
+def serving(engine):
+    """A gateway with `engine` on its own thread and loop; yields its stream URL."""
     started = threading.Event()
     state: dict = {}
 
     async def serve():
-        async with running(gateway_config(), EchoEngine()) as gw:
+        async with running(gateway_config(), engine) as gw:
             state.update(port=gw.port, loop=asyncio.get_running_loop(), stop=asyncio.Event())
             started.set()
             await state["stop"].wait()
@@ -325,9 +328,18 @@ def server_url():
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
     assert started.wait(30), "gateway did not start"
-    yield f"ws://127.0.0.1:{state['port']}/v1/stream"
-    state["loop"].call_soon_threadsafe(state["stop"].set)
-    thread.join(30)
+    try:
+        yield f"ws://127.0.0.1:{state['port']}/v1/stream"
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """A gateway on its own thread and loop, since the command runs its own `asyncio.run`."""
+    with serving(EchoEngine()) as stream_url:
+        yield stream_url
 
 
 @pytest.fixture
@@ -412,7 +424,7 @@ def test_stream_command_stereo_file_prefixes_finals_with_the_channel(
         ("clip", ["--sample-rate", "8000"], 2, "only for raw stdin"),
         ("clip", ["-o", "sample_rate=8000"], 2, "use --encoding, --sample-rate"),
         ("clip", ["--url", "{closed}"], 2, r"connect to ws://127\.0\.0\.1:\d+: Connection refused"),
-        ("/no/such.wav", [], 2, "no such file"),
+        ("/no/such.wav", [], 1, "no such file"),
         ("-", ["--sample-rate", "11025"], 2, "unsupported sample_rate 11025; allowed: 8000,"),
         ("-", ["--encoding", "mp3"], 2, "unsupported encoding 'mp3'"),
     ],
@@ -474,9 +486,35 @@ def test_live_line_shows_the_volatile_tail_styled_and_finals_on_their_own_lines(
     show({"type": "transcript.partial", "channel": 1, "stable_text": long, "volatile_text": "x"})
     line = out.getvalue().rsplit(CLEAR_LINE, 1)[1]
     visible = line.replace(VOLATILE_STYLE, "").replace(RESET, "")
-    assert len(visible) == 29 and visible.endswith("word18 word19 x")  # the newest words
+    assert len(visible) <= 29 and visible.endswith("word18 word19 x")  # the newest words
+    assert visible.startswith("…word") and set(visible[1:].split()) <= set(long.split()) | {"x"}
     show.finish()
     assert out.getvalue().endswith(CLEAR_LINE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(st.text(alphabet="abcdefghij", min_size=1, max_size=12), min_size=1),
+    volatile=st.lists(st.text(alphabet="xyz", min_size=1, max_size=8), max_size=4),
+    width=st.integers(min_value=16, max_value=100),
+)
+def test_live_line_keeps_whole_words_within_the_width(words, volatile, width):
+    out = io.StringIO()
+    show = TextPrinter(out, live=True, color=True, width=lambda: width)
+    show({"type": "session.started", "config": {"channels": 1}})
+    stable, tail = " ".join(words), " ".join(volatile)
+    show({"type": "transcript.partial", "channel": 0, "stable_text": stable, "volatile_text": tail})
+    line = out.getvalue().rsplit(CLEAR_LINE, 1)[1]
+    visible = line.replace(VOLATILE_STYLE, "").replace(RESET, "")
+    full = f"{stable} {tail}" if tail else stable
+    assert len(visible) <= width - 1
+    if visible == full:
+        return
+    shown = visible.removeprefix("…")
+    assert visible.startswith("…") and full.endswith(shown)
+    longest = max(len(word) for word in full.split())
+    if longest < width - 2:  # a word wider than the line is cut; otherwise only whole words
+        assert full[len(full) - len(shown) - 1] == " "
 
 
 def test_live_line_without_color_is_plain_text():
@@ -485,3 +523,39 @@ def test_live_line_without_color_is_plain_text():
     show({"type": "session.started", "config": {"channels": 1}})
     show({"type": "transcript.partial", "channel": 0, "stable_text": "a b", "volatile_text": "c"})
     assert out.getvalue() == f"{CLEAR_LINE}a b c"
+
+
+class DeafEngine(EchoEngine):
+    """Hears nothing it can spell: every hypothesis is empty."""
+
+    def _answer(self, segments):
+        from engine.api import Hypothesis
+
+        return [Hypothesis(text="", words=[], confidence=0.0, duration_ms=0) for _ in segments]
+
+
+def test_stream_command_points_at_the_raw_format_when_loud_audio_gives_no_words(
+    stream_command, speech, monkeypatch, capsys
+):
+    audio = joined(speech[:1], silence_s=1.0)
+    with serving(DeafEngine()) as deaf_url:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(to_s16le(audio))))
+        status = stream_command("-", "--url", deaf_url, "--sample-rate", "8000")
+        err = capsys.readouterr().err
+        assert status == 0
+        assert re.search(r"no words were recognised in \d+\.\d s of audio", err)
+        assert "dBFS" in err and "pcm_s16le at 8000 Hz" in err and "--sample-rate" in err
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(bytes(32000))))
+        assert stream_command("-", "--url", deaf_url) == 0
+        quiet = capsys.readouterr().err  # silence: said, without blaming the format
+        assert "no words were recognised" in quiet and "--sample-rate" not in quiet
+
+
+def test_stream_command_says_nothing_extra_when_words_come_back(
+    stream_command, server_url, speech, monkeypatch, capsys
+):
+    audio = joined(speech[:1], silence_s=1.0)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(to_s16le(audio))))
+    assert stream_command("-", "--url", server_url) == 0
+    out, err = capsys.readouterr()
+    assert out and err == ""

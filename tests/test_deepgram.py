@@ -525,3 +525,23 @@ def test_real_speech_through_the_sdk_with_the_cpu_model():
     assert wer <= 0.2, (wer, text)
     assert any(isinstance(m, ListenV1Results) and not m.is_final for m in messages)
     assert isinstance(messages[-1], ListenV1Metadata)
+
+
+def test_a_language_the_model_lacks_is_an_error_then_a_close():
+    """As for other bad parameters: the model's languages come with the refusal."""
+
+    class English(EchoEngine):
+        languages = frozenset({"en"})
+
+    async def main():
+        async with running(gateway_config(), English()) as gw:
+            async with connect(url(gw, "?language=fr-CA")) as ws:
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                return error, ws.close_code
+
+    error, code = asyncio.run(main())
+    assert error["type"] == "Error" and error["variant"] == "invalid_config"
+    assert "'fr'" in error["description"] and error["description"].endswith("languages: en")
+    assert code == 4001

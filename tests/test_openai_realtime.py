@@ -360,3 +360,41 @@ def test_deltas_go_on_after_the_last_sent_word_the_final_still_has():
     ]:
         sent += [json.loads(m)["delta"] for m in dialect.encode(event) if DELTA in m]
     assert "".join(sent).split() == ["John", "Dashwood", "had", "then"]
+
+
+def test_a_language_the_model_lacks_gets_an_error_event(speech):
+    """Before the first append the session is made anew, so a refusal ends it (4001); later
+    it is an error the session survives, keeping its language (no session.updated for it)."""
+    from websockets.exceptions import ConnectionClosed
+
+    class English(EchoEngine):
+        languages = frozenset({"en"})
+
+    french = update(ga_session({"type": "audio/pcm"}, None, language="fr"))
+
+    async def main():
+        async with running(gateway_config(http_port=-1), English()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await ws.send(french)
+                before = await receive(ws, last_is("error"))
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                code = ws.close_code
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await send_audio(ws, pcm24k(speech[0][:RATE]), 4800)
+                await ws.send(french)
+                await ws.send(update(ga_session({"type": "audio/pcm"}, None, language="en-GB")))
+                after = await receive(ws, last_is("session.updated"))
+        return before, code, after
+
+    before, code, after = asyncio.run(main())
+    for events in (before, after):
+        (error,) = of_type(events, "error")
+        assert error["error"]["code"] == "invalid_config"
+        assert "'fr'" in error["error"]["message"]
+        assert error["error"]["message"].endswith("languages: en")
+    assert code == 4001
+    assert len(of_type(after, "session.updated")) == 1
+    assert after[-1]["session"]["audio"]["input"]["transcription"]["language"] == "en-GB"

@@ -20,8 +20,8 @@ from openai.types.audio import Transcription, TranscriptionVerbose
 
 from benchmarks.scoring import corpus_wer
 from engine.api import Hypothesis, Word
+from streaming.captions import cues_from_words, to_srt, to_vtt
 from streaming.cli import build_parser
-from streaming.openai_rest import cues, to_srt, to_vtt
 from streaming.server import Gateway
 from tests.gateway_harness import EchoEngine, gateway_config, running
 from tests.streams import RATE, librivox_clips
@@ -80,10 +80,11 @@ def _ms(groups: tuple[str, ...]) -> tuple[int, int]:
 
 
 def parse_srt(text: str) -> list[tuple[int, int, list[str]]]:
-    """SubRip: numbered blocks (1, 2, ...), a timing line, text lines, a blank line after each."""
-    assert text == "" or text.endswith("\n\n")
+    """SubRip: numbered blocks (1, 2, ...), a timing line, text lines; a blank line between
+    blocks."""
+    assert text == "" or text.endswith("\n")
     cue_list = []
-    for number, block in enumerate(filter(None, text.split("\n\n")), 1):
+    for number, block in enumerate(filter(None, text.strip("\n").split("\n\n")), 1):
         lines = block.split("\n")
         assert lines[0] == str(number)
         timing = SRT_TIMING.fullmatch(lines[1])
@@ -94,13 +95,16 @@ def parse_srt(text: str) -> list[tuple[int, int, list[str]]]:
 
 
 def parse_vtt(text: str) -> list[tuple[int, int, list[str]]]:
-    """WebVTT: the signature line, a blank line, then cues (timing line, text) split by blank
-    lines; cue text holds no "-->" and no raw "<" or "&" outside escapes."""
-    header, _, body = text.partition("\n\n")
-    assert header == "WEBVTT"
+    """WebVTT: the signature line, a blank line, then cues (an optional identifier line, a timing
+    line, text) split by blank lines; cue text holds no "-->" and no raw "<" or "&" outside
+    escapes."""
+    header, _, body = text.partition("\n")
+    assert header == "WEBVTT" and (body == "" or body.startswith("\n"))
     cue_list = []
-    for block in filter(None, body.split("\n\n")):
+    for block in filter(None, body.strip("\n").split("\n\n")):
         lines = block.split("\n")
+        if "-->" not in lines[0]:
+            lines = lines[1:]  # the cue identifier
         timing = VTT_TIMING.fullmatch(lines[0])
         assert timing, lines[0]
         for line in lines[1:]:
@@ -156,7 +160,7 @@ def test_every_response_format_through_the_official_client(wav, clips):
     srt, vtt = parse_srt(out["srt"]), parse_vtt(out["vtt"])
     assert srt == vtt and len(srt) >= 1
     assert " ".join(" ".join(lines) for _, _, lines in srt) == as_json.text
-    assert srt[0][0] == 0 and srt[-1][1] == round(words[-1].end * 1000)
+    assert srt[0][0] == 0 and round(words[-1].end * 1000) <= srt[-1][1] <= duration * 1000
 
 
 def test_stream_true_sends_text_deltas_then_done(wav):
@@ -224,12 +228,14 @@ def test_cue_builder_breaks_lines_sentences_and_pauses():
     words = [Word(w, i * 250, i * 250 + 240, 0.9) for i, w in enumerate(text)]
     words[20:] = [Word(w.word, w.start_ms + 3000, w.end_ms + 3000, 0.9) for w in words[20:]]
     words.append(Word("Done.", 30000, 29990, 0.9))  # an engine's odd times must not break files
-    built = cues(words)
+    built = cues_from_words(words)
     srt = parse_srt(to_srt(built))
     vtt = parse_vtt(to_vtt(built))
     assert [(s, e) for s, e, _ in srt] == [(s, e) for s, e, _ in vtt]
     assert srt[0][2] == ["Broadcast captions need short lines."]  # ends with the sentence
-    assert any(end == words[19].end_ms for _, end, _ in srt)  # a cue ends before the pause
+    texts = [" ".join(lines) for _, _, lines in srt]
+    paused = next(i for i, t in enumerate(texts) if t.endswith(words[19].word))
+    assert texts[paused + 1].startswith(words[20].word)  # a cue ends before the pause
     assert "&amp;" in to_vtt(built) and "&lt;watching&gt;" in to_vtt(built)
     assert " ".join(" ".join(lines) for _, _, lines in srt) == " ".join(text + ["Done."])
 
@@ -402,3 +408,29 @@ def test_real_cpu_model_through_the_official_client(clips):
     assert wer <= 0.2, wer
     for result in results:
         assert result.segments and result.segments[0].avg_logprob < 0
+
+
+def test_language_reaches_the_engine_and_one_it_lacks_is_a_400(wav):
+    class English(EchoEngine):
+        languages = frozenset({"en"})
+        seen: list = []
+
+        def transcribe(self, segments):
+            self.seen += [s.language for s in segments]
+            return super().transcribe(segments)
+
+    def run(gw):
+        with pytest.raises(openai.BadRequestError) as refused:
+            transcribe(gw, wav, language="fr")
+        accepted = transcribe(gw, wav, language="en-US", response_format="verbose_json")
+        transcribe(gw, wav)
+        return refused.value, accepted
+
+    engine = English()
+    refused, accepted = serve(run, engine=engine)
+    assert refused.status_code == 400
+    error = refused.body
+    assert (error["param"], error["code"]) == ("language", "invalid_value")
+    assert "'fr'" in error["message"] and error["message"].endswith("languages: en")
+    assert accepted.language == "en-US"
+    assert engine.seen == ["en", "en"]  # the form's tag as a primary subtag, then the default

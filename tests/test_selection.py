@@ -25,6 +25,8 @@ def cuda(monkeypatch):
 
     def set_cuda(available: bool) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if available else 0)
+        monkeypatch.setattr(selection, "_cuda_device_count", lambda family: 2 if available else 0)
         monkeypatch.setattr(whisper, "resolve_device", lambda d: "cuda" if available else "cpu")
 
     return set_cuda
@@ -209,7 +211,9 @@ def test_one_info_line_says_what_was_chosen(cuda, monkeypatch, caplog):
     }
 
 
-def test_unexpected_loader_errors_become_model_load_errors(monkeypatch):
+def test_unexpected_loader_errors_become_model_load_errors(cuda, monkeypatch):
+    cuda(True)
+
     def loader(source, **options):
         raise RuntimeError("CUDA driver too old")
 
@@ -295,7 +299,8 @@ def test_unreachable_hub_id_fails_fast(hub_id):
 def test_describe_families(cuda):
     cuda(False)
     rows = {row["family"]: row for row in selection.describe_families()}
-    assert set(rows) == {"granite-nar", "granite-ar", "whisper"}
+    assert set(rows) == {"granite-nar", "granite-ar", "whisper", "noop"}
+    assert rows["noop"]["weights_present"] is True and rows["noop"]["device"] == "cpu"
     assert rows["granite-ar"]["source"] == "ibm-granite/granite-speech-4.1-2b"
     assert rows["granite-nar"]["source"] == GRANITE_ID
     assert rows["whisper"]["source"] == "tiny.en"
@@ -312,6 +317,8 @@ def test_describe_families_reports_missing_packages(cuda, monkeypatch):
         "family": "whisper",
         "installed": False,
         "missing_packages": ["faster-whisper"],
+        "weights_present": rows["whisper"]["weights_present"],
+        "weights": rows["whisper"]["weights"],
         "source": "base",
         "device": "cuda",
     }
@@ -370,3 +377,40 @@ def test_noop_family_for_load_tests(cuda):
     engine = selection.load_engine("noop", granite_nar_model=GRANITE_ID)
     (hyp,) = engine.transcribe([Segment(np.zeros(16000, dtype=np.float32))])
     assert hyp.text == "w0 w1 w2" and hyp.words[-1].end_ms == 900
+
+
+def test_a_cuda_device_that_is_not_there_fails_before_loading(cuda, monkeypatch):
+    cuda(False)
+
+    def loader(*args, **kwargs):
+        raise AssertionError("must not load")
+
+    monkeypatch.setattr(selection, "family_loader", lambda family: loader)
+    for model, runtime in (("whisper", "CTranslate2"), ("granite-nar", "PyTorch")):
+        with pytest.raises(ModelLoadError, match=f"no CUDA GPU was found \\({runtime} sees"):
+            selection.load_engine(model, granite_nar_model=GRANITE_ID, device="cuda")
+    cuda(True)  # two GPUs
+    with pytest.raises(ModelLoadError, match=r"sees 2 CUDA GPU\(s\): cuda:0..cuda:1"):
+        selection.load_engine("whisper", granite_nar_model=GRANITE_ID, device="cuda:2")
+    selection.check_device(selection.ModelChoice("noop", "", "cuda", "asked"))  # no GPU needed
+
+
+def test_weights_are_reported_where_they_are(cuda, tmp_path, monkeypatch):
+    cuda(False)
+    cached = tmp_path / "snapshot"
+    cached.mkdir()
+    monkeypatch.setattr(
+        "huggingface_hub.try_to_load_from_cache",
+        lambda repo, name: str(cached / name) if repo == "org/cached" else None,
+    )
+    rows = {
+        row["family"]: row
+        for row in selection.describe_families(
+            granite_nar_model="org/cached", granite_ar_model="org/elsewhere"
+        )
+    }
+    assert (rows["granite-nar"]["weights_present"], rows["granite-nar"]["weights"]) == (
+        True, str(cached)
+    )  # fmt: skip
+    assert rows["granite-ar"]["weights_present"] is False
+    assert rows["granite-ar"]["weights"] == "downloaded from the hub on first use: org/elsewhere"

@@ -307,3 +307,16 @@ def test_partial_requests_say_whether_their_segment_has_shown_words(speech):
         # until a partial shows words (slot words: from the first 300 ms on), then never again
         assert seen[0] and not seen[-1]
         assert seen == sorted(seen, reverse=True)
+
+
+def test_every_request_carries_the_session_language_as_a_primary_subtag(speech):
+    """Partials and finals alike, so the engine decodes every piece in the client's language;
+    a `session.update` takes effect on the next request, and empty leaves it to the model."""
+    session = Session("s1", SessionConfig(language="fr-CA"))
+    driver = stream(session, joined(speech[:1]))
+    assert {r.kind for r in driver.requests} == {"partial", "final"}
+    assert {r.language for r in driver.requests} == {"fr"}
+    session.options = SessionConfig(language="")
+    driver = stream(session, joined(speech[1:2]))
+    driver.run(session.close())
+    assert driver.requests and {r.language for r in driver.requests} == {None}

@@ -36,7 +36,7 @@ from .checkpoint import (
     read_config,
 )
 from .generation import BudgetStop, ChosenTokenProbs, LoopStop, token_budget
-from .prompt import END_OF_TEXT, Task, instruction, parse_task, render_prompt
+from .prompt import ASR_LANGUAGES, END_OF_TEXT, Task, instruction, parse_task, render_prompt
 from .text import join_windows, loop_end, spread_times
 
 log = logging.getLogger("engine.granite_ar")
@@ -62,7 +62,11 @@ class WindowText:
 
 
 class GraniteArEngine:
+    """`languages`: the six it transcribes (prompt.ASR_LANGUAGES). A segment's `language` is
+    not in the prompt yet: the task chosen at load time (plain ASR by default) is used."""
+
     family = FAMILY
+    languages = frozenset(ASR_LANGUAGES)
 
     def __init__(
         self,

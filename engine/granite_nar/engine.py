@@ -32,6 +32,10 @@ SAMPLES_PER_FRAME = 320  # one encoder frame = 20 ms at 16 kHz
 SILENCE_PEAK = 1e-4  # below -80 dBFS nothing can be speech: answer empty without the model
 # Editor positions per second of audio, worst case: 10 audio rows + 2 slots per 80 ms window.
 POSITIONS_PER_SECOND = 10 + 2 * 12.5
+# The languages IBM publishes results for (Common Voice 15: en, de, es, fr, pt; spec §7). The
+# model takes no language input: CTC and the editor write what they hear, so a segment's
+# `language` only has to be one of these.
+LANGUAGES = frozenset({"en", "de", "es", "fr", "pt"})
 
 
 class StageClock:
@@ -58,6 +62,7 @@ class StageClock:
 
 class GraniteNarEngine:
     family = "granite-nar"
+    languages = LANGUAGES
 
     def __init__(
         self,

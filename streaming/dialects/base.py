@@ -20,10 +20,12 @@ class Configure:
 
 @dataclass(frozen=True)
 class Update:
-    """Change what may change mid-stream."""
+    """Change what may change mid-stream. `reply` (an acknowledgement, as in `Reply`) is sent
+    only if the session takes the options: one it refuses is answered with an error alone."""
 
     options: Mapping[str, object]
     hotwords: tuple[str, ...] | None = None
+    reply: object | None = None
 
 
 @dataclass(frozen=True)

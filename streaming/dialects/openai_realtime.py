@@ -84,7 +84,7 @@ class _Item:
 # Replies the dialect sends itself (through the gateway, in order with the session's events).
 @dataclass(frozen=True)
 class _Updated:
-    pass
+    options: Mapping[str, object]  # what the session took: the dialect shows it from now on
 
 
 @dataclass(frozen=True)
@@ -255,8 +255,7 @@ class OpenAIRealtimeDialect:
         if not self.audio_seen:  # a new session core with these options; answered on start
             return [Configure(options, hotwords or ())]
         update = {"language": options["language"]} if "language" in options else {}
-        self.options.update(update)
-        return [Update(update, hotwords), Reply(_Updated())]
+        return [Update(update, hotwords, reply=_Updated(update))]
 
     # --- events -> server events ----------------------------------------------------------------
 
@@ -274,6 +273,7 @@ class OpenAIRealtimeDialect:
                 return [{"type": "session.created", "session": self._session_ga()}]
             return [self._updated()]
         if isinstance(event, _Updated):
+            self.options.update(event.options)
             return [self._updated()]
         if isinstance(event, SpeechStarted):
             return self._speech_started(event)
