@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, metavar="N", help="most files per engine call (engine.max_batch)"
     )
     transcribe.add_argument(
+        "--language",
+        metavar="CODE",
+        help="spoken language, one the model transcribes, e.g. en (session.language; empty: "
+        "the model decides)",
+    )
+    transcribe.add_argument(
         "--format",
         choices=FORMATS,
         default="txt",
@@ -291,11 +297,18 @@ def _transcribe(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     cfg = _configure(
         args,
-        {"engine.model": args.model, "engine.device": args.device, "engine.max_batch": args.batch},
+        {
+            "engine.model": args.model,
+            "engine.device": args.device,
+            "engine.max_batch": args.batch,
+            "session.language": args.language,
+        },
     )
     # Imported here so that commands which need no model stay light.
     from engine import selection
+    from engine.api import engine_languages, primary_language
     from streaming.audiofile import AudioFileError, probe, read_audio
+    from streaming.config import check_language
 
     # Inputs and the output are checked before the model loads (seconds to minutes), so a typo
     # is reported at once; a file that fails only later is still reported in its place.
@@ -315,6 +328,8 @@ def _transcribe(args: argparse.Namespace) -> int:
         print(f"streamscribe: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return EXIT_ERROR
 
+    language = primary_language(cfg.session.language) if cfg.session.language else None
+
     def read(path: str) -> Segment | str:
         if path in refused:
             return refused[path]
@@ -322,7 +337,7 @@ def _transcribe(args: argparse.Namespace) -> int:
             audio, sample_rate = read_audio(path)
         except AudioFileError as exc:
             return str(exc)
-        return Segment(audio=audio, sample_rate=sample_rate)
+        return Segment(audio=audio, sample_rate=sample_rate, language=language)
 
     with out if args.output else contextlib.nullcontext():
         started = time.monotonic()
@@ -335,6 +350,7 @@ def _transcribe(args: argparse.Namespace) -> int:
                 "load_s": round(time.monotonic() - started, 2),
             },
         )
+        check_language(cfg.session.language, engine_languages(engine), "session.language")
         return _transcribe_files(engine, args, read, out, cfg.engine.max_batch)
 
 

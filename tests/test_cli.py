@@ -380,3 +380,57 @@ def test_srt_of_a_short_file_ends_within_its_audio(tmp_path, capsys):
     ends = re.findall(r" --> (\d\d):(\d\d):(\d\d),(\d\d\d)", capsys.readouterr().out)
     hours, minutes, seconds, millis = map(int, ends[-1])
     assert ((hours * 60 + minutes) * 60 + seconds) * 1000 + millis <= 7550
+
+
+# --- the README's command lines -----------------------------------------------------------
+
+PLACEHOLDERS = {"H": "127.0.0.1", "P": "0", "M": "noop", "D": "cpu", "N": "1", "FILE": "x.yaml"}
+
+
+def readme_command_lines() -> list[list[str]]:
+    """Every `streamscribe ...` line of the README's sh blocks, as argv: comments cut, optional
+    parts ([--json]) unwrapped, placeholders (H, P, ...) given values."""
+    readme = (REPO / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
+        for line in block.splitlines():
+            command = line.split("|")[-1].split("#")[0].split("&&")[-1].strip()
+            if command.startswith("streamscribe ") or command.startswith(".venv/bin/streamscribe"):
+                argv = command.replace("[", " ").replace("]", " ").split()[1:]
+                lines.append([PLACEHOLDERS.get(token, token) for token in argv])
+    return lines
+
+
+def test_every_readme_command_line_parses_with_the_real_parser():
+    from streaming.cli import build_parser
+
+    lines = readme_command_lines()
+    verbs = {argv[0] for argv in lines if argv and not argv[0].startswith("-")}
+    assert {"serve", "stream", "transcribe", "models", "config", "bench"} <= verbs
+    for argv in lines:
+        if argv == ["--version"]:
+            continue
+        args = build_parser().parse_args(argv)  # an unknown flag exits 2 and fails the test
+        assert callable(args.run), argv
+
+
+def test_every_flag_the_configuration_section_names_exists():
+    from streaming.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Configuration") : readme.index("## Models")]
+    flags = set(re.findall(r"`(--[a-z-]+)", section))
+    assert {"--model", "--batch", "--log-level", "--config"} <= flags
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them only here
+    known = {o for p in (parser, *commands.values()) for a in p._actions for o in a.option_strings}
+    assert flags <= known
+
+
+def test_transcribe_language_reaches_the_engine_and_must_be_the_models(fake, files, capsys):
+    fake.languages = frozenset({"en", "fr"})
+    assert main(["transcribe", "--language", "fr-CA", *files]) == 0
+    assert {s.language for call in fake.calls for s in call} == {"fr"}
+    assert main(["transcribe", "--language", "de", *files]) == 2
+    err = capsys.readouterr().err
+    assert "session.language = 'de'" in err and "its languages: en, fr" in err
