@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from benchmarks.results import write_result
-from streaming.audio import AudioDecoder, AudioFormat, encode_mulaw
+from streaming.core.audio import AudioDecoder, AudioFormat, encode_mulaw
 
 CASES = (
     AudioFormat("mulaw", 8000, 1),

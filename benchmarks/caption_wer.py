@@ -63,9 +63,9 @@ from benchmarks.stream_load import (
     to_frames,
     warm_up,
 )
-from streaming.audiofile import read_audio
-from streaming.captions import SPEAKER_MARK
-from streaming.stability import word_key
+from streaming.core.audiofile import read_audio
+from streaming.core.captions import SPEAKER_MARK
+from streaming.core.stability import word_key
 
 LEAD_S = 0.5
 TAIL_S = 1.5  # longer than the hangover: the last final comes by endpoint, as in a live talk

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from engine.api import TARGET_SAMPLE_RATE
 from engine.audio import resample
-from streaming.audiofile import read_audio
+from streaming.core.audiofile import read_audio
 
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
 CARDS_DIR = Path("/usr/share/pocketsphinx/test/data/cards")

@@ -28,9 +28,9 @@ from benchmarks.stream_load import machine_cpu_seconds
 from benchmarks.vad_cost import speech_stream
 from engine import selection
 from engine.api import Engine, Hypothesis, Segment
-from streaming.config import load_config
-from streaming.events import EngineRequest
-from streaming.session import Session
+from streaming.core.events import EngineRequest
+from streaming.core.session import Session
+from streaming.ops.config import load_config
 
 FRAME_BYTES = 3200  # 100 ms of 16 kHz s16
 TOLERANCE_MS = 500  # a partial counts for length L when its open segment is within L +- this

@@ -23,10 +23,10 @@ from benchmarks.results import streams_per_core, write_result
 from benchmarks.vad_cost import speech_stream
 from engine.api import Segment
 from engine.noop import NoopEngine
-from streaming.config import SessionConfig, load_config
+from streaming.core.events import EngineRequest
+from streaming.core.session import Session
 from streaming.dialects.native import NativeDialect
-from streaming.events import EngineRequest
-from streaming.session import Session
+from streaming.ops.config import SessionConfig, load_config
 
 FRAME_BYTES = 3200  # 100 ms of 16 kHz s16
 

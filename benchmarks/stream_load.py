@@ -60,8 +60,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from benchmarks.manifests import librivox
 from benchmarks.results import write_result
-from streaming.audiofile import read_audio
-from streaming.stability import StabilityStats, word_key
+from streaming.core.audiofile import read_audio
+from streaming.core.stability import StabilityStats, word_key
 
 REPO = Path(__file__).resolve().parents[1]
 RATE = 16000

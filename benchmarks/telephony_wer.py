@@ -35,9 +35,9 @@ from benchmarks.results import write_result
 from benchmarks.scoring import corpus_wer
 from clients.telephony import twilio_sim
 from engine.api import Engine, Segment
-from streaming.audio import decode_mulaw
-from streaming.audiofile import read_audio
-from streaming.config import load_config
+from streaming.core.audio import decode_mulaw
+from streaming.core.audiofile import read_audio
+from streaming.ops.config import load_config
 from streaming.server import Gateway
 
 RATE = 16000

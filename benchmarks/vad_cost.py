@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 
 from benchmarks.results import streams_per_core, write_result
-from streaming.vad import SAMPLE_RATE, SegmentClosed, Segmenter, SegmenterConfig
+from streaming.core.vad import SAMPLE_RATE, SegmentClosed, Segmenter, SegmenterConfig
 
 CLIPS = "/usr/share/pocketsphinx/test/data/librivox/*.wav"
 PARTIAL_INTERVAL_S = 0.4

@@ -28,9 +28,9 @@ from benchmarks.manifests import Manifest, ManifestError
 from benchmarks.scoring import corpus_wer, utterance_scores, worst
 from engine import selection
 from engine.api import Engine, ModelLoadError, Segment
-from streaming.audiofile import AudioFileError, read_audio
-from streaming.config import ConfigError, load_config
-from streaming.logs import setup_logging
+from streaming.core.audiofile import AudioFileError, read_audio
+from streaming.ops.config import ConfigError, load_config
+from streaming.ops.logs import setup_logging
 
 MANIFESTS = ("librivox", "espeak")
 TELEPHONY_SUFFIX = "-mulaw8k"

@@ -30,7 +30,7 @@ from benchmarks.scoring import corpus_wer
 from benchmarks.stream_load import machine_cpu_seconds
 from engine import whisper
 from engine.api import TARGET_SAMPLE_RATE, Segment
-from streaming.audiofile import read_audio
+from streaming.core.audiofile import read_audio
 
 KINDS = ("draft", "transcribe")
 

@@ -200,7 +200,7 @@ class StreamscribeClient:
     @property
     def bytes_per_second(self) -> int:
         """Audio bytes in one second of the session's wire format (for real-time pacing)."""
-        from streaming.audio import ENCODINGS  # on use: it loads scipy, ~1 s
+        from streaming.core.audio import ENCODINGS  # on use: it loads scipy, ~1 s
 
         config = self.config
         return ENCODINGS[config["encoding"]] * config["sample_rate"] * config["channels"]
@@ -394,16 +394,16 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def read_pcm(path: str | os.PathLike) -> tuple[bytes, int, int]:
-    """Read an audio file (any format `streaming.audiofile` reads) as (16-bit little-endian PCM,
-    sample rate, channels) for the wire.
+    """Read an audio file (any format `streaming.core.audiofile` reads) as (16-bit
+    little-endian PCM, sample rate, channels) for the wire.
 
     The file's own rate is kept when the server accepts it (no resampling on either side),
     else the audio is resampled to 16 kHz; one or two channels are kept, more are mixed to mono.
     """
     # Imported on use: they load scipy (~1 s), and every `streamscribe` command imports this.
     from engine.audio import resample
-    from streaming.audio import SAMPLE_RATES
-    from streaming.audiofile import read_channels
+    from streaming.core.audio import SAMPLE_RATES
+    from streaming.core.audiofile import read_channels
 
     data, rate = read_channels(path)
     if data.shape[1] > 2:

@@ -36,7 +36,7 @@ from clients.client import (
 )
 
 if TYPE_CHECKING:
-    from streaming.audio import AudioFormat
+    from streaming.core.audio import AudioFormat
 
 EXIT_OK, EXIT_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RAW_FORMAT = ("encoding", "sample_rate", "channels")  # flags for stdin; a file has a header
@@ -108,8 +108,8 @@ def _option(value: str) -> tuple[str, str]:
 def run_stream(args: argparse.Namespace) -> int:
     """The `stream` command: returns the exit status."""
     # Imported on use: they load scipy (~1 s), and every `streamscribe` command imports this.
-    from streaming.audio import AudioFormat, AudioFormatError
-    from streaming.audiofile import AudioFileError, probe
+    from streaming.core.audio import AudioFormat, AudioFormatError
+    from streaming.core.audiofile import AudioFileError, probe
 
     raw = {key: getattr(args, key) for key in RAW_FORMAT if getattr(args, key) is not None}
     if raw and args.source != "-":
@@ -274,7 +274,7 @@ class LevelMeter:
             yield chunk
 
     def add(self, chunk: bytes) -> None:
-        from streaming.audio import decode_alaw, decode_mulaw
+        from streaming.core.audio import decode_alaw, decode_mulaw
 
         if self.encoding == "pcm_f32le":
             samples = np.frombuffer(chunk[: len(chunk) // 4 * 4], "<f4").astype(np.float64)

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from clients.stream_cli import add_stream_command
 from engine.api import Engine, Hypothesis, ModelLoadError, Segment
 from streaming.bench_cli import add_bench_command
-from streaming.captions import cues_from_words, to_srt, to_vtt
-from streaming.config import Config, ConfigError, load_config
-from streaming.logs import setup_logging
+from streaming.core.captions import cues_from_words, to_srt, to_vtt
+from streaming.ops.config import Config, ConfigError, load_config
+from streaming.ops.logs import setup_logging
 
 if TYPE_CHECKING:
     from engine.selection import ModelChoice
@@ -196,7 +196,8 @@ def _serve(args: argparse.Namespace) -> int:
     Humans get plain lines on stdout (what loads, then the URLs once it is ready); the JSON logs
     on stderr stay quiet at the default level, so a start-up failure is one line."""
     from engine import selection
-    from streaming import eventloop, server
+    from streaming import server
+    from streaming.transport import eventloop
 
     cfg = _configure(
         args,
@@ -307,8 +308,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     # Imported here so that commands which need no model stay light.
     from engine import selection
     from engine.api import engine_languages, primary_language
-    from streaming.audiofile import AudioFileError, probe, read_audio
-    from streaming.config import check_language
+    from streaming.core.audiofile import AudioFileError, probe, read_audio
+    from streaming.ops.config import check_language
 
     # Inputs and the output are checked before the model loads (seconds to minutes), so a typo
     # is reported at once; a file that fails only later is still reported in its place.

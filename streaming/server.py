@@ -24,20 +24,20 @@ from websockets.http11 import Request, Response
 
 from engine.api import Engine, ModelLoadError, engine_languages
 from engine.scheduler import Scheduler, SchedulerConfig
-from streaming import audiosocket
-from streaming.calls import CallHub, call_events_id
-from streaming.captions import CaptionStore, to_srt, to_vtt
-from streaming.config import Config, check_language
+from streaming.core.captions import CaptionStore, to_srt, to_vtt
 from streaming.dialects.audiofork import AudioForkDialect
 from streaming.dialects.base import Dialect
 from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
-from streaming.eventloop import loop_name
-from streaming.gateway import WATCHDOG_S, Connection, StreamConnection
-from streaming.metrics import Metrics
-from streaming.openai_rest import RestServer
+from streaming.ops.config import Config, check_language
+from streaming.ops.metrics import Metrics
+from streaming.transport import audiosocket
+from streaming.transport.calls import CallHub, call_events_id
+from streaming.transport.eventloop import loop_name
+from streaming.transport.rest import RestServer
+from streaming.transport.websocket import WATCHDOG_S, Connection, StreamConnection
 
 log = logging.getLogger("streaming.server")
 

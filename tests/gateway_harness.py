@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from engine.api import Hypothesis, Word
-from streaming.config import Config
+from streaming.ops.config import Config
 from streaming.server import Gateway
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.audio import resample
-from streaming.audiofile import AudioFileError, read_audio
+from streaming.core.audiofile import AudioFileError, read_audio
 
 RATE = 8000
 CHUNK_BYTES = RATE // 50 * 2  # 20 ms of 16-bit samples

@@ -28,8 +28,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake
 
 from engine.audio import resample
-from streaming.audio import encode_mulaw
-from streaming.audiofile import AudioFileError, read_audio
+from streaming.core.audio import encode_mulaw
+from streaming.core.audiofile import AudioFileError, read_audio
 
 RATE = 8000
 CHUNK = RATE // 50  # 20 ms, as Twilio sends

@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Mapping
 
+from streaming.core.events import ErrorEvent, Event, FinalTranscript
 from streaming.dialects.base import (
     Audio,
     Close,
@@ -34,7 +35,6 @@ from streaming.dialects.base import (
     Reply,
 )
 from streaming.dialects.native import NativeDialect, split_hotwords
-from streaming.events import ErrorEvent, Event, FinalTranscript
 
 log = logging.getLogger("streaming.dialects.audiofork")
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from streaming.events import Event
+from streaming.core.events import Event
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,17 @@ from datetime import datetime, timezone
 import numpy as np
 
 from engine.api import Word
-from streaming.audio import ENCODINGS as BYTES_PER_SAMPLE
-from streaming.audio import SAMPLE_RATES, AudioDecoder, AudioFormat
-from streaming.config import parse_bool
+from streaming.core.audio import ENCODINGS as BYTES_PER_SAMPLE
+from streaming.core.audio import SAMPLE_RATES, AudioDecoder, AudioFormat
+from streaming.core.events import (
+    ErrorEvent,
+    Event,
+    FinalTranscript,
+    PartialTranscript,
+    SessionClosed,
+    SessionStarted,
+    SpeechStarted,
+)
 from streaming.dialects.base import (
     Audio,
     Close,
@@ -34,15 +42,7 @@ from streaming.dialects.base import (
     Reply,
     parse_message,
 )
-from streaming.events import (
-    ErrorEvent,
-    Event,
-    FinalTranscript,
-    PartialTranscript,
-    SessionClosed,
-    SessionStarted,
-    SpeechStarted,
-)
+from streaming.ops.config import parse_bool
 
 log = logging.getLogger("streaming.dialects.deepgram")
 

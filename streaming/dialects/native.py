@@ -10,6 +10,19 @@ import dataclasses
 import json
 from collections.abc import Mapping
 
+from streaming.core.events import (
+    CaptionAppend,
+    CaptionCue,
+    ErrorEvent,
+    Event,
+    FinalTranscript,
+    PartialTranscript,
+    SessionClosed,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    Status,
+)
 from streaming.dialects.base import (
     Audio,
     Close,
@@ -22,19 +35,6 @@ from streaming.dialects.base import (
     Reply,
     Update,
     parse_message,
-)
-from streaming.events import (
-    CaptionAppend,
-    CaptionCue,
-    ErrorEvent,
-    Event,
-    FinalTranscript,
-    PartialTranscript,
-    SessionClosed,
-    SessionStarted,
-    SpeechStarted,
-    SpeechStopped,
-    Status,
 )
 
 CLOSE_BAD_CONFIG = 4001

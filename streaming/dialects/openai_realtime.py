@@ -24,7 +24,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from engine.api import Word
-from streaming.config import ConfigError, SessionConfig, override_section
+from streaming.core.events import (
+    ErrorEvent,
+    Event,
+    FinalTranscript,
+    PartialTranscript,
+    SessionClosed,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+)
+from streaming.core.stability import resume_point
 from streaming.dialects.base import (
     Audio,
     Command,
@@ -35,17 +45,7 @@ from streaming.dialects.base import (
     Reply,
     Update,
 )
-from streaming.events import (
-    ErrorEvent,
-    Event,
-    FinalTranscript,
-    PartialTranscript,
-    SessionClosed,
-    SessionStarted,
-    SpeechStarted,
-    SpeechStopped,
-)
-from streaming.stability import resume_point
+from streaming.ops.config import ConfigError, SessionConfig, override_section
 
 # Wire format -> (session encoding, sample rate, bytes per millisecond).
 FORMATS = {

@@ -7,10 +7,11 @@ finally `stop`. The tracks become the channels of one session, inbound first, so
 call is one 2-channel stream decoded and resampled once by the session core.
 
 Twilio reads nothing but audio and marks back (bidirectional streams only), so events are not
-sent on this socket: they go to the call's subscribers and webhook (streaming/calls.py), with
-`channel` labelled `inbound` / `outbound`. Errors are logged; a fatal one closes the socket with
-its code and reason. A `mark` from Twilio acknowledges a mark the server sent after its own
-audio; this server sends neither, so marks (and DTMF digits) are accepted and ignored.
+sent on this socket: they go to the call's subscribers and webhook
+(streaming/transport/calls.py), with `channel` labelled `inbound` / `outbound`. Errors are
+logged; a fatal one closes the socket with its code and reason. A `mark` from Twilio
+acknowledges a mark the server sent after its own audio; this server sends neither, so marks
+(and DTMF digits) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 from collections.abc import Mapping
 
+from streaming.core.events import ErrorEvent, Event
 from streaming.dialects.base import (
     Audio,
     Close,
@@ -32,7 +34,6 @@ from streaming.dialects.base import (
     Reply,
 )
 from streaming.dialects.native import split_hotwords
-from streaming.events import ErrorEvent, Event
 
 log = logging.getLogger("streaming.dialects.twilio")
 

@@ -1,0 +1,467 @@
+"""OpenAI-compatible file transcription: `POST /v1/audio/transcriptions` (a multipart upload).
+
+The `websockets` server cannot read request bodies, so this endpoint runs on aiohttp in the same
+process and event loop, on its own port (`server.http_port`), started and stopped by the Gateway.
+It never calls the model: an upload is decoded and resampled here, then submitted as ONE final
+request to the gateway's scheduler, so files batch with the finals of live streams (the engine
+cuts long audio into windows itself). Response formats json, text, verbose_json (segments and
+words), srt and vtt (the pop-on cues and writers of streaming/core/captions.py, as the CLI writes
+them); `stream=true` answers with server-sent events. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soundfile as sf
+from aiohttp import BodyPartReader, web
+
+from engine.api import (
+    TARGET_SAMPLE_RATE,
+    Hypothesis,
+    Segment,
+    Word,
+    engine_languages,
+    primary_language,
+)
+from engine.audio import resample
+from engine.scheduler import Outcome, Request
+from streaming.core.captions import cues_from_words, to_srt, to_vtt
+from streaming.ops.config import ConfigError, check_language, parse_bool
+
+if TYPE_CHECKING:
+    from streaming.server import Gateway
+
+log = logging.getLogger("streaming.transport.rest")
+
+PATH = "/v1/audio/transcriptions"
+FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+STREAM_FORMATS = ("json", "text")
+GRANULARITIES = ("word", "segment")
+FIELD_LIMIT = 64 * 1024  # largest text field of the form
+FORM_OVERHEAD = 64 * 1024  # room for part headers and text fields next to the file
+RETRY_AFTER_S = 5
+SENTENCE_END = (".", "?", "!", "…")
+# verbose_json segments: a new one after a sentence, a pause, or 30 s (Whisper's window).
+SEGMENT_PAUSE_MS, SEGMENT_MAX_MS = 1000, 30000
+SUBTITLES = {"srt": (to_srt, "text/plain"), "vtt": (to_vtt, "text/vtt")}  # writer, content type
+
+
+class ApiError(Exception):
+    """A request that gets an OpenAI-style error body instead of a transcription."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = (
+            status,
+            message,
+            code,
+            param,
+            kind,
+        )
+
+    def response(self) -> web.Response:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+@dataclass(frozen=True)
+class Form:
+    """The validated fields of one upload."""
+
+    audio: bytes
+    filename: str
+    response_format: str = "json"
+    language: str = ""
+    prompt: str = ""
+    granularities: tuple[str, ...] = ("segment",)
+    stream: bool = False
+
+
+class RestServer:
+    """The aiohttp side of a Gateway: one route, sharing the gateway's scheduler and API keys."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application()
+        app.router.add_post(PATH, self.transcribe)
+        self.runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.gateway.config.server.drain_grace_s
+        )
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port).start()
+
+    @property
+    def port(self) -> int:
+        return self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in flight finish (up to `drain_grace_s`), then close."""
+        await self.runner.cleanup()
+
+    async def transcribe(self, request: web.Request) -> web.StreamResponse:
+        gateway = self.gateway
+        try:
+            self._authorize(request)
+            self._check_ready()
+            form = await read_form(request, gateway.config.server.max_upload_bytes)
+            language = self._language(form)
+            audio = await asyncio.to_thread(decode_upload, form.audio, form.filename)
+            hotwords = (form.prompt,) if form.prompt.strip() else ()
+            hypothesis = await self._submit(audio, hotwords, language)
+        except ApiError as err:
+            gateway.metrics.errors.labels(err.code).inc()
+            return err.response()
+        duration_s = len(audio) / TARGET_SAMPLE_RATE
+        gateway.metrics.audio_seconds.inc(duration_s)
+        log.info(
+            "file transcribed",
+            extra={"duration_s": round(duration_s, 3), "format": form.response_format},
+        )
+        if form.stream:
+            return await stream_events(request, hypothesis.text)
+        return render(form, hypothesis, len(audio), language)
+
+    def _authorize(self, request: web.Request) -> None:
+        keys = self.gateway.keys
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if keys and not (scheme.lower() in ("bearer", "token") and value.strip() in keys):
+            self.gateway.metrics.rejections.labels("auth").inc()
+            raise ApiError(401, "missing or invalid API key", code="invalid_api_key")
+
+    def _check_ready(self) -> None:
+        gateway = self.gateway
+        if gateway.ready:
+            return
+        if gateway.draining:
+            reason = "draining"
+        elif gateway.engine_error:
+            reason = "engine_failed"
+        else:
+            reason = "loading"
+        gateway.metrics.rejections.labels(reason).inc()
+        message = gateway.engine_error or f"server unavailable: {reason}"
+        raise ApiError(503, message, code=reason, kind="server_error")
+
+    def _language(self, form: Form) -> str:
+        """The upload's language, else the server's default (checked when the model loaded);
+        one the model cannot transcribe is refused rather than turned into wrong text."""
+        if not form.language:
+            return self.gateway.config.session.language
+        languages = engine_languages(self.gateway.scheduler.engine)
+        try:
+            check_language(form.language, languages, "language")
+        except ConfigError as err:
+            raise ApiError(400, str(err), param="language", code="invalid_value") from None
+        return form.language
+
+    async def _submit(
+        self, audio: np.ndarray, hotwords: tuple[str, ...], language: str
+    ) -> Hypothesis:
+        """One final request to the scheduler; its answer comes back on the worker thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+
+        def done(outcome: Outcome) -> None:  # on the scheduler's thread
+            loop.call_soon_threadsafe(_settle, future, outcome)
+
+        key = ("openai_rest", uuid.uuid4().hex)
+        self.gateway.scheduler.submit(
+            Request(
+                "final",
+                key,
+                Segment(audio, hotwords=hotwords, language=primary_language(language) or None),
+                done,
+            )
+        )
+        outcome = await future
+        if outcome.hypothesis is None:
+            raise ApiError(
+                500,
+                f"the audio could not be transcribed: {outcome.reason or outcome.status}",
+                code="engine_error",
+                kind="server_error",
+            )
+        return outcome.hypothesis
+
+
+def _settle(future: asyncio.Future, outcome: Outcome) -> None:
+    if not future.done():  # the client may have gone away
+        future.set_result(outcome)
+
+
+# --- reading the upload ----------------------------------------------------------------------
+
+
+async def read_form(request: web.Request, max_bytes: int) -> Form:
+    """Read the multipart form, refusing a file over `max_bytes` as soon as it is seen."""
+    if request.content_type != "multipart/form-data":
+        raise ApiError(
+            400,
+            f"expected a multipart/form-data body, got {request.content_type!r}",
+            code="invalid_content_type",
+        )
+    if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
+        raise _too_large(max_bytes)
+    fields: dict[str, list[str]] = {}
+    audio, filename = None, ""
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, "nested multipart bodies are not supported", code="invalid_form")
+        if part.name == "file":
+            audio = await _read_part(part, max_bytes, _too_large(max_bytes))
+            filename = part.filename or "file"
+            continue
+        name = (part.name or "").removesuffix("[]")
+        data = await _read_part(
+            part,
+            FIELD_LIMIT,
+            ApiError(400, f"form field {name!r} is too long", code="invalid_form"),
+        )
+        fields.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
+    if not audio:
+        raise ApiError(
+            400,
+            "you must provide a non-empty audio file in the 'file' field",
+            param="file",
+            code="missing_file",
+        )
+    return _validate(audio, filename, fields)
+
+
+async def _read_part(part: BodyPartReader, limit: int, too_big: ApiError) -> bytes:
+    chunks, size = [], 0
+    while chunk := await part.read_chunk(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the file is larger than the server's limit of {max_bytes} bytes "
+        "(server.max_upload_bytes)",
+        param="file",
+        code="file_too_large",
+    )
+
+
+def _validate(audio: bytes, filename: str, fields: dict[str, list[str]]) -> Form:
+    def one(name: str, default: str = "") -> str:
+        return fields[name][-1].strip() if fields.get(name) else default
+
+    response_format = one("response_format", "json")
+    if response_format not in FORMATS:
+        raise ApiError(
+            400,
+            f"response_format {response_format!r} is not supported; "
+            f"expected one of {', '.join(FORMATS)}",
+            param="response_format",
+            code="invalid_value",
+        )
+    try:
+        stream = parse_bool(one("stream", "false"))
+    except ValueError as err:
+        raise ApiError(400, f"stream: {err}", param="stream", code="invalid_value") from None
+    if stream and response_format not in STREAM_FORMATS:
+        raise ApiError(
+            400,
+            f"stream=true works with response_format json or text, not {response_format}",
+            param="stream",
+            code="invalid_value",
+        )
+    granularities = tuple(g.strip() for g in fields.get("timestamp_granularities", ["segment"]))
+    unknown = [g for g in granularities if g not in GRANULARITIES]
+    if unknown:
+        raise ApiError(
+            400,
+            f"timestamp_granularities {unknown[0]!r} is not supported; expected word or segment",
+            param="timestamp_granularities",
+            code="invalid_value",
+        )
+    temperature = one("temperature", "0")
+    try:
+        valid = 0.0 <= float(temperature) <= 1.0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ApiError(
+            400,
+            f"temperature {temperature!r} must be a number from 0 to 1",
+            param="temperature",
+            code="invalid_value",
+        )
+    return Form(
+        audio=audio,
+        filename=filename,
+        response_format=response_format,
+        language=one("language"),
+        prompt=one("prompt"),
+        granularities=granularities,
+        stream=stream,
+    )
+
+
+def decode_upload(data: bytes, filename: str) -> np.ndarray:
+    """Any format libsndfile reads, mixed to mono and resampled to 16 kHz float32."""
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        if samples.shape[0] == 0:
+            raise ValueError("no audio samples")
+        mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)
+        return resample(mono, int(rate), TARGET_SAMPLE_RATE)
+    except (sf.SoundFileError, RuntimeError, ValueError) as err:
+        reason = " ".join((getattr(err, "error_string", "") or str(err)).split())
+        # RAW needs its format spelled out, so an upload can never be read as RAW.
+        supported = ", ".join(sorted(set(sf.available_formats()) - {"RAW"}))
+        raise ApiError(
+            400,
+            f"could not decode {filename!r} as audio ({reason}); supported formats: {supported}",
+            param="file",
+            code="invalid_audio",
+        ) from None
+
+
+# --- answering ---------------------------------------------------------------------------------
+
+
+def render(form: Form, hyp: Hypothesis, samples: int, language: str) -> web.Response:
+    """The non-streamed answer in the requested response_format, for `samples` of 16 kHz audio."""
+    duration_s = samples / TARGET_SAMPLE_RATE
+    duration_ms = samples * 1000 // TARGET_SAMPLE_RATE  # whole ms, so no cue ends past the audio
+    usage = {"type": "duration", "seconds": round(duration_s, 3)}
+    if form.response_format == "json":
+        return web.json_response({"text": hyp.text, "usage": usage})
+    if form.response_format == "text":
+        return web.Response(text=hyp.text + "\n", content_type="text/plain")
+    words = timed_words(hyp, duration_ms)
+    if form.response_format in SUBTITLES:
+        write, content_type = SUBTITLES[form.response_format]
+        cues = cues_from_words(words, duration_ms=duration_ms)
+        return web.Response(text=write(cues), content_type=content_type)
+    body: dict = {
+        "task": "transcribe",
+        "language": language,
+        "duration": round(duration_s, 3),
+        "text": hyp.text,
+    }
+    if "segment" in form.granularities:
+        groups = _groups(words)
+        body["segments"] = [_segment(i, group) for i, group in enumerate(groups)]
+    if "word" in form.granularities:
+        body["words"] = [
+            {"word": w.word, "start": w.start_ms / 1000, "end": w.end_ms / 1000} for w in words
+        ]
+    body["usage"] = usage
+    return web.json_response(body)
+
+
+async def stream_events(request: web.Request, text: str) -> web.StreamResponse:
+    """`stream=true`: the text as one `transcript.text.delta` per word, then
+    `transcript.text.done`; the deltas concatenate to the done event's text."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    tokens = text.split()
+    for i, token in enumerate(tokens):
+        delta = token if i == 0 else " " + token
+        await response.write(_sse({"type": "transcript.text.delta", "delta": delta}))
+    await response.write(_sse({"type": "transcript.text.done", "text": " ".join(tokens)}))
+    await response.write_eof()
+    return response
+
+
+def _sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def timed_words(hyp: Hypothesis, duration_ms: int) -> list[Word]:
+    """The hypothesis' words, one token each; when the engine gave no word times, the text's
+    words spread over the audio in proportion to their length (approximate times)."""
+    words = [
+        Word(" ".join(w.word.split()), w.start_ms, w.end_ms, w.confidence)
+        for w in hyp.words
+        if w.word.strip()
+    ]
+    if words or not hyp.text.strip():
+        return words
+    tokens = hyp.text.split()
+    total = sum(len(t) for t in tokens)
+    spread, at = [], 0
+    for token in tokens:
+        end = at + round(duration_ms * len(token) / total)
+        spread.append(Word(token, at, max(end, at), hyp.confidence))
+        at = end
+    return spread
+
+
+def _groups(words: list[Word]) -> list[list[Word]]:
+    """Consecutive words in verbose_json segments that end after a sentence, before a pause of
+    `SEGMENT_PAUSE_MS`, and within `SEGMENT_MAX_MS`."""
+    groups: list[list[Word]] = []
+    for word in words:
+        group = groups[-1] if groups else None
+        if (
+            group
+            and not group[-1].word.endswith(SENTENCE_END)
+            and word.start_ms - group[-1].end_ms < SEGMENT_PAUSE_MS
+            and word.end_ms - group[0].start_ms <= SEGMENT_MAX_MS
+        ):
+            group.append(word)
+        else:
+            groups.append([word])
+    return groups
+
+
+def _segment(index: int, words: list[Word]) -> dict:
+    """A verbose_json segment. `avg_logprob` is the mean log of the word confidences; the model
+    is decoded without sampling (`temperature` 0); `no_speech_prob` is not estimated (0) and
+    token ids are not split by segment (`tokens` is empty); `seek` is the start in 10 ms frames."""
+    text = " ".join(w.word for w in words)
+    raw = text.encode()
+    return {
+        "id": index,
+        "seek": words[0].start_ms // 10,
+        "start": words[0].start_ms / 1000,
+        "end": words[-1].end_ms / 1000,
+        "text": text,
+        "tokens": [],
+        "temperature": 0.0,
+        "avg_logprob": round(sum(math.log(max(w.confidence, 1e-6)) for w in words) / len(words), 4),
+        "compression_ratio": round(len(raw) / len(zlib.compress(raw)), 4),
+        "no_speech_prob": 0.0,
+    }
