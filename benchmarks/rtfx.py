@@ -27,7 +27,7 @@ from engine.features import nar_features
 from engine.granite_nar.decoding import collapse
 from engine.granite_nar.engine import GraniteNarEngine, pick_device, pick_dtype
 from engine.granite_nar.model import GraniteSpeechNar
-from engine.testing import full_size_config
+from tests.checkpoints.granite_nar import full_size_config
 
 TARGET_TOKENS_PER_SECOND = 3.7  # LibriSpeech-like speech, spec §9
 

@@ -175,9 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"benchmarks.telephony_wer: error: {exc}", file=sys.stderr)
         return 2
+    from engine.api import EngineOptions
     from engine.whisper import load_engine
 
-    engine = load_engine(args.whisper_model, device="cpu")
+    engine = load_engine(args.whisper_model, EngineOptions(device="cpu"))
 
     async def run() -> dict:
         async with serving(engine) as gateway:

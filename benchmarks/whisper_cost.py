@@ -29,7 +29,7 @@ from benchmarks.results import write_result
 from benchmarks.scoring import corpus_wer
 from benchmarks.stream_load import machine_cpu_seconds
 from engine import whisper
-from engine.api import TARGET_SAMPLE_RATE, Segment
+from engine.api import TARGET_SAMPLE_RATE, EngineOptions, Segment
 from streaming.core.audiofile import read_audio
 
 KINDS = ("draft", "transcribe")
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--repeats and --batches must be positive, --lengths in (0, 30] seconds")
 
     references, clips = speech()
-    engine = whisper.load_engine(args.source, device="cpu", dtype=args.dtype)
+    engine = whisper.load_engine(args.source, EngineOptions(device="cpu", dtype=args.dtype))
     machine_start, own_start = machine_cpu_seconds(), time.process_time()
     rows = cost_rows(
         engine, np.concatenate(clips), args.kinds, args.lengths, args.batches, args.repeats

@@ -26,8 +26,6 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from engine.api import TARGET_SAMPLE_RATE
-
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream"
 STREAM_PATH = "/v1/stream"
 # Close codes that mean the server ended the session over something that went wrong.
@@ -39,6 +37,12 @@ LOST_CLOSES = {
     1013: "the server is overloaded or draining; reconnect",
 }
 _END = object()  # queued after the last message
+# The wire protocol's audio formats, spelled out here so that importing the client loads none of
+# the server (nor scipy): bytes per sample of each encoding, and the sample rates sent as they
+# are; a file at any other rate is resampled to the rate the models take.
+BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+MODEL_SAMPLE_RATE = 16000
 CLIENT_CLOSE = "client"  # session.closed reason when the client's `close` ended the session
 
 
@@ -200,10 +204,8 @@ class StreamscribeClient:
     @property
     def bytes_per_second(self) -> int:
         """Audio bytes in one second of the session's wire format (for real-time pacing)."""
-        from streaming.core.audio import ENCODINGS  # on use: it loads scipy, ~1 s
-
         config = self.config
-        return ENCODINGS[config["encoding"]] * config["sample_rate"] * config["channels"]
+        return BYTES_PER_SAMPLE[config["encoding"]] * config["sample_rate"] * config["channels"]
 
     async def send_audio(self, data: bytes) -> None:
         """Send one binary audio frame (20-200 ms is the recommended size)."""
@@ -400,9 +402,9 @@ def read_pcm(path: str | os.PathLike) -> tuple[bytes, int, int]:
     The file's own rate is kept when the server accepts it (no resampling on either side),
     else the audio is resampled to 16 kHz; one or two channels are kept, more are mixed to mono.
     """
-    # Imported on use: they load scipy (~1 s), and every `streamscribe` command imports this.
+    # Imported on use: reading any format (FFmpeg too) and resampling are the server's own code,
+    # which loads scipy (~1 s); importing the client must stay light.
     from engine.audio import resample
-    from streaming.core.audio import SAMPLE_RATES
     from streaming.core.audiofile import read_channels
 
     data, rate = read_channels(path)
@@ -410,9 +412,9 @@ def read_pcm(path: str | os.PathLike) -> tuple[bytes, int, int]:
         data = data.mean(axis=1, keepdims=True)
     if rate not in SAMPLE_RATES:
         data = np.stack(
-            [resample(data[:, c], rate, TARGET_SAMPLE_RATE) for c in range(data.shape[1])], axis=1
+            [resample(data[:, c], rate, MODEL_SAMPLE_RATE) for c in range(data.shape[1])], axis=1
         )
-        rate = TARGET_SAMPLE_RATE
+        rate = MODEL_SAMPLE_RATE
     pcm = np.round(np.clip(data, -1.0, 1.0) * 32767).astype("<i2")
     return pcm.tobytes(), int(rate), data.shape[1]
 

@@ -126,6 +126,28 @@ class ModelLoadError(RuntimeError):
     """A model that was asked for cannot be loaded; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to load and feed a model, the same for every family: each loader is called as
+    `loader(source, options)`, so a new option is added here, not to every family.
+
+    `device`: auto, cpu, cuda or cuda:N; `dtype`: auto, float32, bfloat16 or float16 (a family
+    maps it to what its runtime offers); `max_batch`: most segments per model call; `window_s`
+    and `window_overlap_s`: the windows long audio is cut into (a family that cuts audio itself
+    ignores them); `hub_timeout_s`: how long an unreachable model hub may take to fail.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 16
+    window_s: float = 30.0
+    window_overlap_s: float = 5.0
+    hub_timeout_s: float = 10.0
+
+
+DEFAULT_OPTIONS = EngineOptions()
+
+
 # family name -> "module:function" that loads it; imported lazily so that a family's heavy
 # dependencies are only needed when that family is used.
 FAMILIES: dict[str, str] = {
@@ -136,7 +158,7 @@ FAMILIES: dict[str, str] = {
 }
 
 
-def family_loader(family: str) -> Callable[..., Engine]:
+def family_loader(family: str) -> Callable[[str, EngineOptions], Engine]:
     try:
         target = FAMILIES[family]
     except KeyError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from .api import TARGET_SAMPLE_RATE, Hypothesis, Segment, Word
+from .api import DEFAULT_OPTIONS, TARGET_SAMPLE_RATE, EngineOptions, Hypothesis, Segment, Word
 
 WORD_MS = 300
 
@@ -44,6 +44,7 @@ class NoopEngine:
         return out
 
 
-def load_engine(source: str = "", **_options: object) -> NoopEngine:
-    """`source` may give a per-call delay in milliseconds (e.g. "noop:20" -> source "20")."""
+def load_engine(source: str = "", options: EngineOptions = DEFAULT_OPTIONS) -> NoopEngine:
+    """`source` may give a per-call delay in milliseconds (e.g. "noop:20" -> source "20");
+    `options` change nothing: there is no model to place or batch."""
     return NoopEngine(float(source) if source else 0.0)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .api import Engine, Hypothesis, Segment, length_bucket
+from .api import DEFAULT_OPTIONS, Engine, Hypothesis, Segment, length_bucket
 
 log = logging.getLogger("engine.scheduler")
 
@@ -70,17 +70,30 @@ class SchedulerStats:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch: int = 16
-    max_batch_audio_s: float = 240.0
-    max_wait_ms: float = 10.0
-    partial_deadline_ms: float = 1000.0
-    max_partials: int = 4096
+    """How requests from all sessions are batched for the model: the `scheduler` section of
+    the server's configuration, declared here once. Each field's metadata holds the limits the
+    configuration loader checks (`ge`/`gt`: at least / above), so the engine needs no loader."""
+
+    max_wait_ms: float = field(default=10.0, metadata={"ge": 0})
+    max_batch_audio_s: float = field(default=240.0, metadata={"gt": 0})
+    partial_deadline_ms: float = field(default=1000.0, metadata={"gt": 0})
+    max_partials: int = field(default=4096, metadata={"ge": 1})
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, config: SchedulerConfig | None = None) -> None:
+    """`max_batch`: the most requests per engine call, the engine's own limit
+    (`engine.max_batch`), which the engine family is loaded with too."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: SchedulerConfig | None = None,
+        *,
+        max_batch: int = DEFAULT_OPTIONS.max_batch,
+    ) -> None:
         self.engine = engine
         self.config = config or SchedulerConfig()
+        self.max_batch = max_batch
         self.stats = SchedulerStats()
         self._finals: deque[Request] = deque()
         self._partials: dict[Hashable, Request] = {}  # newest partial per segment, oldest first
@@ -111,7 +124,7 @@ class Scheduler:
                 # Wake the worker when it has nothing to do or a batch is full; while it waits
                 # for a batch to fill, waking it per request would only cost thread switches.
                 queued = len(self._finals) + len(self._partials)
-                if self._idle or queued >= self.config.max_batch:
+                if self._idle or queued >= self.max_batch:
                     self._cond.notify()
         for req, reason in dropped:
             self._drop(req, reason)
@@ -197,7 +210,7 @@ class Scheduler:
         queued = [*self._finals, *self._partials.values()]
         oldest = min(r.submitted for r in queued) if queued else time.monotonic()
         deadline = oldest + self.config.max_wait_ms / 1000
-        while len(self._finals) + len(self._partials) < self.config.max_batch:
+        while len(self._finals) + len(self._partials) < self.max_batch:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
                 return
@@ -208,11 +221,10 @@ class Scheduler:
         stale = [k for k, r in self._partials.items() if r.submitted < limit]
         return [self._partials.pop(k) for k in stale]
 
-    @staticmethod
-    def _take(queue: deque[Request], cfg: SchedulerConfig) -> list[Request]:
+    def _take(self, queue: deque[Request], cfg: SchedulerConfig) -> list[Request]:
         batch: list[Request] = []
         audio = 0.0
-        while queue and len(batch) < cfg.max_batch:
+        while queue and len(batch) < self.max_batch:
             if batch and audio + queue[0].audio_s > cfg.max_batch_audio_s:
                 break
             audio += queue[0].audio_s

@@ -6,14 +6,16 @@ and so the one log line that says what was chosen and why is written before a sl
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine import whisper
-from engine.api import FAMILIES, Engine, ModelLoadError, family_loader
+from engine.api import FAMILIES, Engine, EngineOptions, ModelLoadError, family_loader
 
 log = logging.getLogger(__name__)
 
@@ -185,23 +187,21 @@ def load_engine(
     *,
     granite_nar_model: str,
     whisper_model: str = whisper.DEFAULT_SOURCE,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_batch: int = 16,
-    window_s: float = 30.0,
-    window_overlap_s: float = 5.0,
-    hub_timeout_s: float = 10.0,
     granite_ar_model: str = DEFAULT_GRANITE_AR_MODEL,
+    **options: Any,
 ) -> Engine:
     """Choose a model (see `choose_model`), log the choice once, and load it.
 
+    `options` are the fields of EngineOptions, so that with the model names these keywords are
+    the `engine` configuration section; the family's loader gets them with the chosen device.
     Every failure is a ModelLoadError whose message says what was asked for and why it failed.
     """
+    settings = EngineOptions(**options)
     choice = choose_model(
         model,
         granite_nar_model=granite_nar_model,
         whisper_model=whisper_model,
-        device=device,
+        device=settings.device,
         granite_ar_model=granite_ar_model,
     )
     log.info(
@@ -216,15 +216,7 @@ def load_engine(
     check_device(choice)
     loader = family_loader(choice.family)
     try:
-        return loader(
-            choice.source,
-            device=choice.device,
-            dtype=dtype,
-            max_batch=max_batch,
-            window_s=window_s,
-            window_overlap_s=window_overlap_s,
-            hub_timeout_s=hub_timeout_s,
-        )
+        return loader(choice.source, dataclasses.replace(settings, device=choice.device))
     except Exception as err:
         cause = str(err) if isinstance(err, ModelLoadError) else f"{type(err).__name__}: {err}"
         hint = (

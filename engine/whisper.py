@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.api import TARGET_SAMPLE_RATE, Hypothesis, ModelLoadError, Segment, Word
+from engine.api import (
+    DEFAULT_OPTIONS,
+    TARGET_SAMPLE_RATE,
+    EngineOptions,
+    Hypothesis,
+    ModelLoadError,
+    Segment,
+    Word,
+)
 from engine.audio import prepare_waveform
 
 if TYPE_CHECKING:
@@ -78,26 +86,18 @@ _UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 
 def load_engine(
-    source: str = DEFAULT_SOURCE,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_batch: int = 16,
-    window_s: float = 30.0,
-    window_overlap_s: float = 5.0,
-    hub_timeout_s: float = 10.0,
+    source: str = DEFAULT_SOURCE, options: EngineOptions = DEFAULT_OPTIONS
 ) -> WhisperEngine:
     """Load a Whisper model from a packaged name, a folder or the hub.
 
-    `max_batch`: most segments decoded in one encode and generate call. `window_s` and
-    `window_overlap_s` are accepted for a uniform family interface and ignored: segments over
-    30 s go to faster-whisper, which cuts them into Whisper's 30 s windows itself.
+    `options.max_batch`: most segments decoded in one encode and generate call. The window
+    options are ignored: segments over 30 s go to faster-whisper, which cuts them into
+    Whisper's 30 s windows itself.
     """
-    del window_s, window_overlap_s
-    folder = resolve_source(source, hub_timeout_s)
-    engine_device = resolve_device(device)
+    folder = resolve_source(source, options.hub_timeout_s)
+    engine_device = resolve_device(options.device)
     device_kind, device_index = _split_device(engine_device)
-    compute_type = pick_compute_type(dtype, device_kind)
+    compute_type = pick_compute_type(options.dtype, device_kind)
     from faster_whisper import WhisperModel
 
     try:
@@ -122,7 +122,7 @@ def load_engine(
             "compute_type": compute_type,
         },
     )
-    return WhisperEngine(model, device=engine_device, max_batch=max_batch)
+    return WhisperEngine(model, device=engine_device, max_batch=options.max_batch)
 
 
 def missing_packages(source: str = DEFAULT_SOURCE) -> list[str]:

@@ -9,7 +9,6 @@ model is ready.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import http
 import importlib.resources
 import logging
@@ -23,19 +22,22 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from engine.api import Engine, ModelLoadError, engine_languages
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler
 from streaming.core.captions import CaptionStore, to_srt, to_vtt
+from streaming.core.close_codes import CLOSE_INTERNAL
 from streaming.dialects.audiofork import AudioForkDialect
 from streaming.dialects.base import Dialect
 from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
+from streaming.ops import admission
 from streaming.ops.config import Config, check_language
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
 from streaming.transport.calls import CallHub, call_events_id
 from streaming.transport.eventloop import loop_name
+from streaming.transport.registry import StreamRegistry
 from streaming.transport.rest import RestServer
 from streaming.transport.websocket import WATCHDOG_S, Connection, StreamConnection
 
@@ -48,7 +50,6 @@ ROUTES: dict[str, Callable[[], Dialect]] = {
     "/v1/telephony/twilio": TwilioDialect,
     "/v1/telephony/audiofork": AudioForkDialect,
 }
-RETRY_AFTER_S = 5
 # A session's pop-on captions so far, running or finished: ?channel=N keeps one channel's cues.
 CAPTIONS_PATH = re.compile(r"/v1/sessions/([0-9A-Za-z_-]+)/captions\.(vtt|srt)")
 CAPTION_FILES = {
@@ -73,7 +74,7 @@ class Gateway:
         self.load_engine = load_engine
         self.scheduler: Scheduler | None = None
         self.metrics = Metrics()
-        self.connections: set[Connection] = set()
+        self.connections: StreamRegistry[Connection] = StreamRegistry()  # live streams
         self.draining = False
         self.keys = {k.strip() for k in config.server.api_keys.split(",") if k.strip()}
         self.server: Server | None = None
@@ -92,6 +93,16 @@ class Gateway:
     @property
     def ready(self) -> bool:
         return self.scheduler is not None and not self.draining
+
+    def refusal(self) -> admission.Refusal | None:
+        """Why a new stream cannot start now (None: it can), for handshakes, /readyz and
+        AudioSocket calls alike."""
+        return admission.refusal(
+            loaded=self.scheduler is not None,
+            draining=self.draining,
+            active=len(self.connections),
+            limit=self.config.server.max_sessions,
+        )
 
     async def start(self) -> Server:
         server = self.config.server
@@ -134,13 +145,7 @@ class Gateway:
             self.engine_error = str(err) if loading else f"{type(err).__name__}: {err}"
             log.info("engine failed to load", extra={"error": self.engine_error})
             return
-        scheduler = Scheduler(
-            engine,
-            SchedulerConfig(
-                max_batch=self.config.engine.max_batch,
-                **dataclasses.asdict(self.config.scheduler),
-            ),
-        )
+        scheduler = Scheduler(engine, self.config.scheduler, max_batch=self.config.engine.max_batch)
         scheduler.start()
         self.metrics.watch(scheduler)
         self.scheduler = scheduler
@@ -157,7 +162,7 @@ class Gateway:
         if path == "/healthz":
             return _text(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
-            if self.ready and len(self.connections) < self.config.server.max_sessions:
+            if self.refusal() is None:
                 return _text(http.HTTPStatus.OK, "ready\n")
             why = self.engine_error or ("draining" if self.draining else "not ready")
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
@@ -180,15 +185,11 @@ class Gateway:
         if self.keys and _api_key(request) not in self.keys:
             self.metrics.rejections.labels("auth").inc()
             return _text(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
-        if not self.ready or len(self.connections) >= self.config.server.max_sessions:
-            reason = (
-                "draining"
-                if self.draining
-                else ("loading" if self.scheduler is None else "capacity")
-            )
+        reason = self.refusal()
+        if reason is not None:
             self.metrics.rejections.labels(reason).inc()
             response = _text(http.HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {reason}\n")
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            response.headers["Retry-After"] = str(admission.RETRY_AFTER_S)
             return response
         return None
 
@@ -237,16 +238,16 @@ class Gateway:
             self.calls,
             captions=self.captions,
         )
-        self.connections.add(connection)
+        self.connections.register(connection)
         self.metrics.sessions.labels(dialect.name).inc()
         self.metrics.sessions_active.inc()
         try:
             await connection.run()
         except Exception:
             log.exception("connection failed", extra={"session": connection.id})
-            await ws.close(1011, "internal error")
+            await ws.close(CLOSE_INTERNAL, "internal error")
         finally:
-            self.connections.discard(connection)
+            self.connections.unregister(connection)
             self.metrics.sessions_active.dec()
 
     async def drain(self) -> None:

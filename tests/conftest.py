@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.testing import write_tiny_checkpoint
+from tests.checkpoints.granite_nar import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +14,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint):
+    from engine.api import EngineOptions
     from engine.granite_nar.engine import load_engine
 
-    return load_engine(str(tiny_checkpoint), device="cpu", dtype="float32")
+    return load_engine(str(tiny_checkpoint), EngineOptions(device="cpu", dtype="float32"))

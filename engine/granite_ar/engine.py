@@ -20,7 +20,15 @@ import torch
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-from ..api import TARGET_SAMPLE_RATE, Hypothesis, ModelLoadError, Segment, Word
+from ..api import (
+    DEFAULT_OPTIONS,
+    TARGET_SAMPLE_RATE,
+    EngineOptions,
+    Hypothesis,
+    ModelLoadError,
+    Segment,
+    Word,
+)
 from ..audio import prepare_waveform
 from ..features import ar_features
 from ..granite_nar.decoding import TokenSpan, group_words
@@ -259,13 +267,8 @@ class GraniteArEngine:
 
 def load_engine(
     source: str,
+    options: EngineOptions = DEFAULT_OPTIONS,
     *,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_batch: int = 16,
-    window_s: float = 30.0,
-    window_overlap_s: float = 5.0,
-    hub_timeout_s: float = 10.0,
     task: str = "transcribe",
     language: str | None = None,
 ) -> GraniteArEngine:
@@ -278,12 +281,12 @@ def load_engine(
     except ValueError as err:
         raise ModelLoadError(str(err)) from None
     folder = resolve_source(
-        source, hub_timeout_s, patterns=HUB_PATTERNS, setting="engine.granite_ar_model"
+        source, options.hub_timeout_s, patterns=HUB_PATTERNS, setting="engine.granite_ar_model"
     )
     config = read_config(folder)
     tokenizer = load_tokenizer(folder, config)
-    torch_device = pick_device(device)
-    model = load_model(folder, torch_device, pick_dtype(dtype, torch_device))
+    torch_device = pick_device(options.device)
+    model = load_model(folder, torch_device, pick_dtype(options.dtype, torch_device))
     log.info(
         "granite-ar loaded",
         extra={"source": str(folder), "device": str(torch_device), "task": parsed.kind},
@@ -293,7 +296,7 @@ def load_engine(
         tokenizer,
         config,
         task=parsed,
-        max_batch=max_batch,
-        window_s=window_s,
-        window_overlap_s=window_overlap_s,
+        max_batch=options.max_batch,
+        window_s=options.window_s,
+        window_overlap_s=options.window_overlap_s,
     )

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from ..api import TARGET_SAMPLE_RATE, Hypothesis, ModelLoadError, Segment, Word
+from ..api import (
+    DEFAULT_OPTIONS,
+    TARGET_SAMPLE_RATE,
+    EngineOptions,
+    Hypothesis,
+    ModelLoadError,
+    Segment,
+    Word,
+)
 from ..audio import prepare_waveform
 from ..features import nar_features
 from .checkpoint import CheckpointError, load_model, resolve_source
@@ -95,7 +103,7 @@ class GraniteNarEngine:
         cls, path_or_hub_id: str, device: str = "auto", dtype: str = "auto", **options
     ) -> GraniteNarEngine:
         """Model and tokenizer from a checkpoint folder or a hub id (see `load_engine`)."""
-        return load_engine(path_or_hub_id, device=device, dtype=dtype, **options)
+        return load_engine(path_or_hub_id, EngineOptions(device=device, dtype=dtype, **options))
 
     def draft(self, segments: Sequence[Segment]) -> list[Hypothesis]:
         return self._recognise(segments, edit=False)
@@ -210,25 +218,16 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def load_engine(
-    source: str,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_batch: int = 16,
-    window_s: float = 30.0,
-    window_overlap_s: float = 5.0,
-    hub_timeout_s: float = 10.0,
-) -> GraniteNarEngine:
+def load_engine(source: str, options: EngineOptions = DEFAULT_OPTIONS) -> GraniteNarEngine:
     """Load a checkpoint folder or hub id into a ready engine."""
-    folder = resolve_source(source, hub_timeout_s)
-    torch_device = pick_device(device)
-    model = load_model(folder, torch_device, pick_dtype(dtype, torch_device))
+    folder = resolve_source(source, options.hub_timeout_s)
+    torch_device = pick_device(options.device)
+    model = load_model(folder, torch_device, pick_dtype(options.dtype, torch_device))
     log.info("granite-nar loaded", extra={"source": str(folder), "device": str(torch_device)})
     return GraniteNarEngine(
         model,
         load_tokenizer(folder),
-        max_batch=max_batch,
-        window_s=window_s,
-        window_overlap_s=window_overlap_s,
+        max_batch=options.max_batch,
+        window_s=options.window_s,
+        window_overlap_s=options.window_overlap_s,
     )

@@ -23,27 +23,27 @@ import json
 import logging
 from collections.abc import Mapping
 
+from streaming.core.close_codes import CLOSE_BAD_CONFIG
 from streaming.core.events import ErrorEvent, Event, FinalTranscript
 from streaming.dialects.base import (
     Audio,
     Close,
     Command,
     Configure,
+    Dialect,
     KeepAlive,
     Opening,
     Reject,
-    Reply,
 )
 from streaming.dialects.native import NativeDialect, split_hotwords
 
 log = logging.getLogger("streaming.dialects.audiofork")
 
-CLOSE_BAD_CONFIG = 4001
 MIX_TYPES = {"mono": ("caller",), "mixed": ("mixed",), "stereo": ("caller", "callee")}
 NOT_OPTIONS = ("hotwords", "api_key", "call_id")  # query keys that are not session options
 
 
-class AudioForkDialect:
+class AudioForkDialect(Dialect):
     name = "audiofork"
     binary_audio = True
 
@@ -101,9 +101,6 @@ class AudioForkDialect:
     def on_hangup(self) -> list[Command]:
         """Both platforms end the stream by closing the socket."""
         return [Close()]
-
-    def due(self) -> list[Reply]:
-        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         if not isinstance(event, FinalTranscript | ErrorEvent):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from streaming.core.events import Event
 
@@ -79,24 +79,41 @@ class Opening:
     error: str | None = None
 
 
-class Dialect(Protocol):
+class Dialect(ABC):
+    """A wire protocol: client messages to commands, session events to messages.
+
+    Telephony dialects also name the call their stream belongs to: once `call_id` is set, every
+    event of the stream also goes to the call's subscribers and webhook under `channel_labels`,
+    and a dropped connection is the call's hang-up (`on_hangup`), not an abandoned stream.
+    """
+
     name: str
     # Every non-empty binary frame is audio: `on_binary` returns only `Audio` commands for it,
     # so the gateway may feed it to the session as soon as it is parsed (the fast path).
     binary_audio: bool
+    call_id: str | None = None  # the telephony call this stream carries, once it is known
+    channel_labels: tuple[str, ...] = ()  # the call's name for each channel
 
+    @abstractmethod
     def opening(self, query: Mapping[str, str]) -> Opening: ...
 
+    @abstractmethod
     def on_text(self, text: str) -> list[Command]: ...
 
+    @abstractmethod
     def on_binary(self, data: bytes) -> list[Command]: ...
 
+    @abstractmethod
     def encode(self, event: Event) -> list[str | bytes]: ...
 
     def due(self) -> list[Reply]:
         """Messages that fall due as audio arrives rather than with a session event (Deepgram's
         UtteranceEnd after a silence): looked at after each audio frame, sent in order."""
-        ...
+        return []
+
+    def on_hangup(self) -> list[Command]:
+        """What the connection dropping means for a stream that carries a call (`call_id`)."""
+        return []
 
 
 def parse_message(text: str) -> dict | Reject:

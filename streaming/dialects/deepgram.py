@@ -35,6 +35,7 @@ from streaming.dialects.base import (
     Audio,
     Close,
     Command,
+    Dialect,
     Finalize,
     KeepAlive,
     Opening,
@@ -228,7 +229,7 @@ class UtteranceEndDue:
     last_word_end_s: float
 
 
-class DeepgramDialect:
+class DeepgramDialect(Dialect):
     name = "deepgram"
     binary_audio = True
 

@@ -28,16 +28,15 @@ from streaming.dialects.base import (
     Close,
     Command,
     Configure,
+    Dialect,
     Finalize,
     KeepAlive,
     Opening,
     Reject,
-    Reply,
     Update,
     parse_message,
 )
 
-CLOSE_BAD_CONFIG = 4001
 # Options a client may change once audio flows; the rest fix the audio format or the segmenter.
 UPDATABLE = {
     "interim_results",
@@ -71,7 +70,7 @@ def split_hotwords(value: object) -> tuple[str, ...]:
     return tuple(item.strip() for item in items if item.strip())
 
 
-class NativeDialect:
+class NativeDialect(Dialect):
     name = "native"
     binary_audio = True
 
@@ -127,9 +126,6 @@ class NativeDialect:
                 f"session.update accepts {', '.join(sorted(UPDATABLE))} and hotwords",
             )
         return Update(options, hotwords)
-
-    def due(self) -> list[Reply]:
-        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         message = self._message(event)

@@ -39,6 +39,7 @@ from streaming.dialects.base import (
     Audio,
     Command,
     Configure,
+    Dialect,
     Finalize,
     Opening,
     Reject,
@@ -101,7 +102,7 @@ class _BadEvent(ValueError):
     """A client event that cannot be applied; the message says why."""
 
 
-class OpenAIRealtimeDialect:
+class OpenAIRealtimeDialect(Dialect):
     name = "openai_realtime"
     binary_audio = False
 
@@ -258,9 +259,6 @@ class OpenAIRealtimeDialect:
         return [Update(update, hotwords, reply=_Updated(update))]
 
     # --- events -> server events ----------------------------------------------------------------
-
-    def due(self) -> list[Reply]:
-        return []
 
     def encode(self, event: Event | _Updated | _Committed | _Cleared) -> list[str | bytes]:
         return [json.dumps({"event_id": _id("event"), **m}) for m in self._messages(event)]

@@ -22,22 +22,22 @@ import json
 import logging
 from collections.abc import Mapping
 
+from streaming.core.close_codes import CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE
 from streaming.core.events import ErrorEvent, Event
 from streaming.dialects.base import (
     Audio,
     Close,
     Command,
     Configure,
+    Dialect,
     KeepAlive,
     Opening,
     Reject,
-    Reply,
 )
 from streaming.dialects.native import split_hotwords
 
 log = logging.getLogger("streaming.dialects.twilio")
 
-CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE = 4001, 4002
 TRACKS = ("inbound", "outbound")  # channel order
 MEDIA_FORMAT = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
 SAMPLE_RATE = 8000
@@ -87,7 +87,7 @@ class TrackAligner:
         return out
 
 
-class TwilioDialect:
+class TwilioDialect(Dialect):
     name = "twilio"
     binary_audio = False
 
@@ -226,9 +226,6 @@ class TwilioDialect:
                 commands.append(Audio(rest))
         self.state = "stopped"
         return [*commands, Close()]
-
-    def due(self) -> list[Reply]:
-        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         """Nothing goes back to Twilio; errors are logged for the operator."""

@@ -19,7 +19,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from engine.api import primary_language
+from engine.api import DEFAULT_OPTIONS, primary_language
+from engine.scheduler import SchedulerConfig
+from streaming.core.vad import SegmenterConfig
 
 ENV_PREFIX = "STREAMSCRIBE_"
 CONFIG_ENV = "STREAMSCRIBE_CONFIG"
@@ -66,30 +68,23 @@ def setting(
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Which model to load and how to feed it (the keywords of engine.selection.load_engine)."""
+    """Which model to load and how to feed it (the keywords of engine.selection.load_engine);
+    the loading options' defaults are engine.api.EngineOptions'."""
 
     model: str = "auto"
     granite_nar_model: str = "ibm-granite/granite-speech-4.1-2b-nar"
     granite_ar_model: str = "ibm-granite/granite-speech-4.1-2b"
     whisper_model: str = "tiny.en"
     device: str = setting(
-        "auto", pattern=r"auto|cpu|cuda(:\d+)?", expect="auto, cpu, cuda or cuda:N"
+        DEFAULT_OPTIONS.device,
+        pattern=r"auto|cpu|cuda(:\d+)?",
+        expect="auto, cpu, cuda or cuda:N",
     )
-    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))
-    max_batch: int = setting(16, ge=1)
-    window_s: float = setting(30.0, gt=0)
-    window_overlap_s: float = setting(5.0, ge=0, below="window_s")
-    hub_timeout_s: float = setting(10.0, gt=0)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """How requests from all sessions are batched for the model (see engine/scheduler.py)."""
-
-    max_wait_ms: float = setting(10.0, ge=0)
-    max_batch_audio_s: float = setting(240.0, gt=0)
-    partial_deadline_ms: float = setting(1000.0, gt=0)
-    max_partials: int = setting(4096, ge=1)
+    dtype: str = setting(DEFAULT_OPTIONS.dtype, choices=("auto", "float32", "bfloat16", "float16"))
+    max_batch: int = setting(DEFAULT_OPTIONS.max_batch, ge=1)
+    window_s: float = setting(DEFAULT_OPTIONS.window_s, gt=0)
+    window_overlap_s: float = setting(DEFAULT_OPTIONS.window_overlap_s, ge=0, below="window_s")
+    hub_timeout_s: float = setting(DEFAULT_OPTIONS.hub_timeout_s, gt=0)
 
 
 @dataclass(frozen=True)
@@ -119,6 +114,10 @@ class ServerConfig:
     event_loop: str = setting("auto", choices=("auto", "uvloop", "asyncio"))
 
 
+# The segmenter's defaults are the session's: declared once, with their reasons, in vad.py.
+_SEGMENTER = SegmenterConfig()
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     """Defaults of every stream; a client may override them per session."""
@@ -130,13 +129,13 @@ class SessionConfig:
     interim_results: bool = True
     partial_interval_ms: int = setting(400, ge=100)
     partial_window_ms: int = setting(1000, ge=0)
-    vad_frame_ms: int = setting(20, allowed=(10, 20, 30))
-    vad_aggressiveness: int = setting(2, allowed=(0, 1, 2, 3))
-    speech_pad_ms: int = setting(300, ge=0, le=2000)
-    hangover_ms: int = setting(500, ge=100, le=5000)
-    min_segment_ms: int = setting(250, ge=0)
-    max_segment_ms: int = setting(15000, ge=1000, le=60000)
-    energy_gate_dbfs: float = setting(-45.0, le=0)
+    vad_frame_ms: int = setting(_SEGMENTER.frame_ms, allowed=(10, 20, 30))
+    vad_aggressiveness: int = setting(_SEGMENTER.aggressiveness, allowed=(0, 1, 2, 3))
+    speech_pad_ms: int = setting(_SEGMENTER.speech_pad_ms, ge=0, le=2000)
+    hangover_ms: int = setting(_SEGMENTER.hangover_ms, ge=100, le=5000)
+    min_segment_ms: int = setting(_SEGMENTER.min_segment_ms, ge=0)
+    max_segment_ms: int = setting(_SEGMENTER.max_segment_ms, ge=1000, le=60000)
+    energy_gate_dbfs: float = setting(_SEGMENTER.energy_gate_dbfs, le=0)
     stable_agreement: int = setting(3, ge=1)
     stable_settle_ms: int = setting(1200, ge=0)
     captions_mode: str = setting("off", choices=("off", "rollup", "popon"))
@@ -156,7 +155,9 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """All settings, one attribute per section."""
+    """All settings, one attribute per section. The scheduler's section is the engine's own
+    SchedulerConfig (its limits in the same field metadata), so the engine stays free of this
+    loader; its batch size is `engine.max_batch`, which the model is loaded with too."""
 
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)

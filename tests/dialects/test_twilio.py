@@ -451,10 +451,11 @@ def test_streamed_mulaw_call_with_the_cpu_model_is_as_good_as_offline_8k():
     """The CI form of benchmarks/telephony_wer.py: a looser bound than the benchmark's +10 %."""
     pytest.importorskip("faster_whisper", reason="pip install -e '.[cpu]'")
     from benchmarks.telephony_wer import measure
+    from engine.api import EngineOptions
     from engine.whisper import load_engine
 
     clips = librivox_clips()
-    engine = load_engine("tiny.en", device="cpu")
+    engine = load_engine("tiny.en", EngineOptions(device="cpu"))
 
     async def main():
         async with running(gateway_config(), engine, timeout_s=120) as gw:

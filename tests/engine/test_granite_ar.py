@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import selection
-from engine.api import Hypothesis, ModelLoadError, Segment, Word
+from engine.api import EngineOptions, Hypothesis, ModelLoadError, Segment, Word
 from engine.features import ar_features
 from engine.granite_ar import engine as ar_engine
 from engine.granite_ar import load_engine
@@ -37,7 +37,7 @@ from engine.granite_ar.text import (
     spread_times,
     word_key,
 )
-from engine.testing_ar import AUDIO_TOKEN_ID, write_tiny_ar_checkpoint
+from tests.checkpoints.granite_ar import AUDIO_TOKEN_ID, write_tiny_ar_checkpoint
 
 RATE = 16000
 SYSTEM = (
@@ -62,7 +62,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    return load_engine(str(checkpoint), device="cpu", dtype="float32")
+    return load_engine(str(checkpoint), EngineOptions(device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -544,14 +544,14 @@ def copy_checkpoint(source, target, config_changes=None):
 def test_wrong_checkpoints_are_refused_clearly(checkpoint, tmp_path, changes, message):
     folder = copy_checkpoint(checkpoint, tmp_path / "bad", changes)
     with pytest.raises(ModelLoadError, match=message):
-        load_engine(str(folder), device="cpu")
+        load_engine(str(folder), EngineOptions(device="cpu"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is not None, reason="peft is installed")
 def test_a_lora_checkpoint_needs_peft(checkpoint, tmp_path):
     folder = copy_checkpoint(checkpoint, tmp_path / "lora", {"has_lora_adapter": True})
     with pytest.raises(ModelLoadError, match="LoRA adapter"):
-        load_engine(str(folder), device="cpu")
+        load_engine(str(folder), EngineOptions(device="cpu"))
 
 
 def test_a_missing_weight_is_an_error_not_a_random_value(checkpoint, tmp_path):
@@ -560,7 +560,7 @@ def test_a_missing_weight_is_an_error_not_a_random_value(checkpoint, tmp_path):
     del tensors["language_model.lm_head.weight"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="does not match the model.*lm_head"):
-        load_engine(str(folder), device="cpu")
+        load_engine(str(folder), EngineOptions(device="cpu"))
 
 
 def test_hub_id_fetches_only_what_loading_needs(checkpoint, monkeypatch):
@@ -573,7 +573,9 @@ def test_hub_id_fetches_only_what_loading_needs(checkpoint, monkeypatch):
         return str(checkpoint)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_snapshot)
-    loaded = load_engine("ibm-granite/granite-speech-4.1-2b", device="cpu", dtype="float32")
+    loaded = load_engine(
+        "ibm-granite/granite-speech-4.1-2b", EngineOptions(device="cpu", dtype="float32")
+    )
     assert loaded.family == "granite-ar"
     ((repo_id, patterns, options),) = calls
     assert repo_id == "ibm-granite/granite-speech-4.1-2b" and options["local_files_only"]
@@ -585,7 +587,10 @@ def test_hub_id_fetches_only_what_loading_needs(checkpoint, monkeypatch):
 def test_unreachable_hub_fails_fast():
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match="streamscribe-test/granite-speech-unreachable"):
-        load_engine("streamscribe-test/granite-speech-unreachable", device="cpu", hub_timeout_s=2)
+        load_engine(
+            "streamscribe-test/granite-speech-unreachable",
+            EngineOptions(device="cpu", hub_timeout_s=2),
+        )
     assert time.monotonic() - started < 2 + 20
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.api import Hypothesis, ModelLoadError, Segment
+from engine.api import EngineOptions, Hypothesis, ModelLoadError, Segment
 from engine.granite_nar.engine import load_engine
 
 RATE = 16000
@@ -95,7 +95,7 @@ def test_long_audio_is_windowed_without_duplicates(tiny_engine):
 
 def test_missing_folder_fails_clearly(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
-        load_engine(str(tmp_path), device="cpu")
+        load_engine(str(tmp_path), EngineOptions(device="cpu"))
 
 
 def test_unreachable_hub_fails_fast():
@@ -103,7 +103,7 @@ def test_unreachable_hub_fails_fast():
 
     start = time.monotonic()
     with pytest.raises(ModelLoadError):
-        load_engine("nobody-here/no-such-model", device="cpu", hub_timeout_s=2.0)
+        load_engine("nobody-here/no-such-model", EngineOptions(device="cpu", hub_timeout_s=2.0))
     assert time.monotonic() - start < 15
 
 

@@ -10,7 +10,7 @@ from transformers.models.granite_speech.modeling_granite_speech import GraniteSp
 from engine.granite_nar.checkpoint import load_model
 from engine.granite_nar.config import NarConfig
 from engine.granite_nar.model import GraniteSpeechNar
-from engine.testing import randomise, tiny_config_dict
+from tests.checkpoints.granite_nar import randomise, tiny_config_dict
 
 ENCODER_TOL = 1e-5
 EDITOR_TOL = 1e-5

@@ -22,7 +22,7 @@ from engine.granite_nar.decoding import (
 )
 from engine.granite_nar.model import GraniteSpeechNar
 from engine.granite_nar.windows import merge_words, plan_windows
-from engine.testing import randomise, tiny_config_dict
+from tests.checkpoints.granite_nar import randomise, tiny_config_dict
 
 
 def tiny_model(seed: int = 0) -> GraniteSpeechNar:

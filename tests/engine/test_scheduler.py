@@ -57,7 +57,7 @@ class Collector:
 @pytest.fixture
 def setup():
     engine = FakeEngine()
-    sched = Scheduler(engine, SchedulerConfig(max_batch=3, max_wait_ms=0))
+    sched = Scheduler(engine, SchedulerConfig(max_wait_ms=0), max_batch=3)
     return engine, sched, Collector()
 
 
@@ -99,7 +99,7 @@ def test_final_drops_pending_partial_of_its_segment(setup):
 
 def test_batch_limits_count_and_audio():
     engine = FakeEngine()
-    sched = Scheduler(engine, SchedulerConfig(max_batch=2, max_batch_audio_s=1.0, max_wait_ms=0))
+    sched = Scheduler(engine, SchedulerConfig(max_batch_audio_s=1.0, max_wait_ms=0), max_batch=2)
     done = Collector()
     for n in (6000, 6000, 6000, 16000, 100):
         sched.submit(Request("final", n, seg(n), done))
@@ -120,7 +120,8 @@ def test_a_failing_batch_fails_only_its_requests(setup):
     engine.fail_on = {666}
     sched.submit(Request("final", "x", seg(666), done))
     sched.submit(Request("final", "y", seg(1), done))
-    sched.config = SchedulerConfig(max_batch=1, max_wait_ms=0)
+    sched.max_batch = 1
+    sched.config = SchedulerConfig(max_wait_ms=0)
     sched.submit(Request("final", "z", seg(2), done))
     while sched.run_once():
         pass
@@ -136,7 +137,8 @@ def test_a_failing_batch_fails_only_its_requests(setup):
 
 def test_stale_partials_are_shed(setup):
     engine, sched, done = setup
-    sched.config = SchedulerConfig(max_batch=3, max_wait_ms=0, partial_deadline_ms=1)
+    sched.max_batch = 3
+    sched.config = SchedulerConfig(max_wait_ms=0, partial_deadline_ms=1)
     sched.submit(Request("partial", "a", seg(100), done))
     time.sleep(0.01)
     sched.run_once()
@@ -164,7 +166,7 @@ def test_backlog_reports_lag_and_queued_audio(setup):
 
 def test_worker_thread_batches_across_threads_and_drains_on_stop():
     engine = FakeEngine(delay=0.005)
-    sched = Scheduler(engine, SchedulerConfig(max_batch=8, max_wait_ms=5))
+    sched = Scheduler(engine, SchedulerConfig(max_wait_ms=5), max_batch=8)
     done = Collector()
     sched.start()
 
@@ -188,7 +190,7 @@ def test_worker_thread_batches_across_threads_and_drains_on_stop():
 
 def test_a_batch_waits_at_most_max_wait_and_goes_as_soon_as_it_is_full():
     engine = FakeEngine()
-    sched = Scheduler(engine, SchedulerConfig(max_batch=4, max_wait_ms=1000))
+    sched = Scheduler(engine, SchedulerConfig(max_wait_ms=1000), max_batch=4)
     done = Collector()
     sched.start()
     try:
@@ -212,7 +214,7 @@ def test_a_batch_waits_at_most_max_wait_and_goes_as_soon_as_it_is_full():
 
 def test_partials_are_batched_within_one_length_bucket():
     engine = FakeEngine()
-    sched = Scheduler(engine, SchedulerConfig(max_batch=8, max_wait_ms=0))
+    sched = Scheduler(engine, SchedulerConfig(max_wait_ms=0), max_batch=8)
     done = Collector()
     seconds = (1.5, 7.0, 1.8, 3.0, 1.2, 6.0)
     for i, s in enumerate(seconds):
@@ -238,7 +240,7 @@ def test_length_buckets():
 
 def test_partials_showing_a_segments_first_words_go_first():
     engine = FakeEngine()
-    sched = Scheduler(engine, SchedulerConfig(max_batch=2, max_wait_ms=0))
+    sched = Scheduler(engine, SchedulerConfig(max_wait_ms=0), max_batch=2)
     done = Collector()
     sched.submit(Request("partial", "old", seg(16000), done))
     sched.submit(Request("partial", "older", seg(17000), done))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import selection, whisper
-from engine.api import ModelLoadError, Segment
+from engine.api import EngineOptions, ModelLoadError, Segment
 from engine.selection import ModelChoice, choose_model
 
 GRANITE_ID = "ibm-granite/granite-speech-4.1-2b-nar"
@@ -179,7 +179,7 @@ def test_one_info_line_says_what_was_chosen(cuda, monkeypatch, caplog):
     cuda(False)
     calls = []
 
-    def loader(source, **options):
+    def loader(source, options):
         calls.append((source, options))
         return FakeEngine()
 
@@ -187,19 +187,15 @@ def test_one_info_line_says_what_was_chosen(cuda, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="engine.selection")
     engine = selection.load_engine(granite_nar_model=GRANITE_ID, dtype="float32", max_batch=4)
     assert isinstance(engine, FakeEngine)
-    assert calls == [
-        (
-            "tiny.en",
-            {
-                "device": "cpu",
-                "dtype": "float32",
-                "max_batch": 4,
-                "window_s": 30.0,
-                "window_overlap_s": 5.0,
-                "hub_timeout_s": 10.0,
-            },
-        )
-    ]
+    options = EngineOptions(
+        device="cpu",  # "auto", resolved by the choice
+        dtype="float32",
+        max_batch=4,
+        window_s=30.0,
+        window_overlap_s=5.0,
+        hub_timeout_s=10.0,
+    )
+    assert calls == [("tiny.en", options)]
     records = [r for r in caplog.records if r.name == "engine.selection"]
     assert len(records) == 1 and records[0].levelno == logging.INFO
     fields = {k: getattr(records[0], k) for k in ("family", "source", "device", "reason")}
@@ -214,7 +210,7 @@ def test_one_info_line_says_what_was_chosen(cuda, monkeypatch, caplog):
 def test_unexpected_loader_errors_become_model_load_errors(cuda, monkeypatch):
     cuda(True)
 
-    def loader(source, **options):
+    def loader(source, options):
         raise RuntimeError("CUDA driver too old")
 
     monkeypatch.setattr(selection, "family_loader", lambda family: loader)
@@ -226,7 +222,7 @@ def test_unexpected_loader_errors_become_model_load_errors(cuda, monkeypatch):
 def test_auto_failure_says_why_it_was_chosen(cuda, monkeypatch):
     cuda(True)
 
-    def loader(source, **options):
+    def loader(source, options):
         raise ModelLoadError("hub not reachable")
 
     monkeypatch.setattr(selection, "family_loader", lambda family: loader)
@@ -364,7 +360,7 @@ def test_load_engine_passes_the_granite_ar_source(cuda, monkeypatch):
     monkeypatch.setattr(
         selection,
         "family_loader",
-        lambda family: lambda source, **o: calls.append((family, source)),
+        lambda family: lambda source, options: calls.append((family, source)),
     )
     selection.load_engine("granite-ar", granite_nar_model=GRANITE_ID, granite_ar_model="/m/ar")
     assert calls == [("granite-ar", "/m/ar")]

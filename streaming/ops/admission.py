@@ -1,0 +1,35 @@
+"""Whether a new stream may start now, decided in one place for every way in (WebSocket
+handshakes, AudioSocket calls, file uploads), so that all refuse for the same reasons, in the
+same words, with the same advice on when to come back."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+RETRY_AFTER_S = 5  # the Retry-After of every refusal: how long a client waits before retrying
+
+Refusal = Literal["loading", "engine_failed", "draining", "capacity"]
+
+
+def refusal(
+    *,
+    loaded: bool,
+    draining: bool,
+    active: int = 0,
+    limit: int | None = None,
+    failed: bool = False,
+) -> Refusal | None:
+    """Why a new stream cannot start, or None to admit it.
+
+    `loaded`: the model is ready; `draining`: the server is shutting down; `active` streams are
+    open out of at most `limit` (None: no cap, as for uploads). `failed`: the model will never
+    load; only callers that name that reason pass it (a stream handshake says `loading`).
+    Draining is named first: a server on its way out turns everyone away for good.
+    """
+    if draining:
+        return "draining"
+    if not loaded:
+        return "engine_failed" if failed else "loading"
+    if limit is not None and active >= limit:
+        return "capacity"
+    return None
