@@ -17,7 +17,6 @@ import signal
 from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
@@ -39,7 +38,8 @@ from streaming.transport.calls import CallHub, call_events_id
 from streaming.transport.eventloop import loop_name
 from streaming.transport.registry import StreamRegistry
 from streaming.transport.rest import RestServer
-from streaming.transport.websocket import WATCHDOG_S, Connection, StreamConnection
+from streaming.transport.websocket import WATCHDOG_S, Connection
+from streaming.transport.wsserver import WebSocket, WebSocketServer
 
 log = logging.getLogger("streaming.server")
 
@@ -77,7 +77,7 @@ class Gateway:
         self.connections: StreamRegistry[Connection] = StreamRegistry()  # live streams
         self.draining = False
         self.keys = {k.strip() for k in config.server.api_keys.split(",") if k.strip()}
-        self.server: Server | None = None
+        self.server: WebSocketServer | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.engine_error: str | None = None
         self.loading: asyncio.Future | None = None
@@ -104,19 +104,16 @@ class Gateway:
             limit=self.config.server.max_sessions,
         )
 
-    async def start(self) -> Server:
+    async def start(self) -> WebSocketServer:
         server = self.config.server
-        self.server = await serve(
+        self.server = await WebSocketServer(
             self.handle,
-            server.host,
-            server.port,
             process_request=self.process_request,
             select_subprotocol=_select_subprotocol,
             max_size=server.max_frame_bytes,
-            create_connection=StreamConnection,
             ping_interval=20,
             ping_timeout=20,
-        )
+        ).start(server.host, server.port)
         if server.audiosocket_port:
             self.audiosocket = await audiosocket.serve(self, server.host, server.audiosocket_port)
         if server.http_port >= 0:
@@ -157,7 +154,7 @@ class Gateway:
 
     # --- HTTP ----------------------------------------------------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def process_request(self, connection: WebSocket, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
             return _text(http.HTTPStatus.OK, "ok\n")
@@ -211,7 +208,7 @@ class Gateway:
 
     # --- WebSocket ---------------------------------------------------------------------------
 
-    async def handle(self, ws: ServerConnection) -> None:
+    async def handle(self, ws: WebSocket) -> None:
         parts = urlsplit(ws.request.path)
         call_id = call_events_id(parts.path)
         if call_id is not None:
@@ -223,7 +220,7 @@ class Gateway:
 
     async def run_connection(
         self,
-        ws: ServerConnection | audiosocket.AudioSocketStream,
+        ws: WebSocket | audiosocket.AudioSocketStream,
         dialect: Dialect,
         query: dict[str, str],
     ) -> None:
@@ -311,7 +308,7 @@ def _offered_subprotocols(headers: Headers) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
-def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> str | None:
+def _select_subprotocol(connection: WebSocket, offered: Sequence[str]) -> str | None:
     """Answer `token` (or `bearer`) to a browser that sent its key as subprotocols (a browser
     drops a connection whose server picks none of those it offered); other clients continue
     without a subprotocol."""

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from streaming.core.close_codes import CLOSE_NO_CALL, CLOSE_NORMAL, CLOSE_TRY_AGAIN
 from streaming.core.events import Event
 from streaming.dialects.native import NativeDialect
+from streaming.transport.wsserver import WebSocket
 
 log = logging.getLogger("streaming.transport.calls")
 
@@ -53,7 +53,7 @@ def call_events_id(path: str) -> str | None:
 
 @dataclass(eq=False)
 class _Subscriber:
-    ws: ServerConnection
+    ws: WebSocket
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # bounded by `offer`
 
     def offer(self, item: object) -> bool:
@@ -143,7 +143,7 @@ class CallHub:
 
     # --- subscribers ------------------------------------------------------------------------
 
-    async def serve(self, ws: ServerConnection, call_id: str) -> None:
+    async def serve(self, ws: WebSocket, call_id: str) -> None:
         """Send the call's events to one subscriber until the call ends (close 1000), the hold
         time passes before the call starts (error `call_not_found`, close 4004), or the
         subscriber leaves. Messages a subscriber sends are read and ignored."""
@@ -243,7 +243,7 @@ class CallHub:
             self.http = None
 
 
-async def _refuse(ws: ServerConnection, code: str, message: str) -> None:
+async def _refuse(ws: WebSocket, code: str, message: str) -> None:
     await ws.send(json.dumps({"type": "error", "seq": 1, "code": code, "message": message}))
 
 

@@ -4,8 +4,8 @@ It reads frames and feeds them to the protocol, and carries out what the protoco
 frames to send (through one ordered outbox), engine requests for the scheduler, events for a
 call's subscribers, pausing reading, closing. Results come back from the scheduler's thread
 through `call_soon_threadsafe`. Audio frames that arrive one by one skip the reader task:
-`StreamConnection` feeds them to the protocol as they are parsed (the gateway's largest
-per-frame saving at hundreds of streams).
+`wsserver.WebSocket.take_frame` feeds them to the protocol as they are parsed (the gateway's
+largest per-frame saving at hundreds of streams).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 
 from engine.api import Segment, engine_languages
 from engine.scheduler import Outcome, Request, Scheduler
@@ -33,6 +32,7 @@ from streaming.ops.config import Config
 from streaming.ops.metrics import Metrics
 from streaming.ops.observer import MetricsObserver
 from streaming.transport.calls import CallHub
+from streaming.transport.wsserver import WebSocket
 
 log = logging.getLogger("streaming.transport.websocket")
 
@@ -41,36 +41,28 @@ WATCHDOG_S = 0.25  # how often connections check their idle, duration, drain and
 YIELD_EVERY = 4  # frames read in a row before the reader lets other tasks run
 
 
-class StreamConnection(ServerConnection):
-    """websockets' server connection with a fast path for audio frames.
+class Link(Protocol):
+    """What the adapter needs of a connection: a WebSocket (`wsserver.WebSocket`) or an
+    AudioSocket call (`audiosocket.AudioSocketStream`)."""
 
-    While `take_frame` is set, each single-frame binary message is offered to it as soon as it
-    is parsed, inside the protocol's data callback, provided nothing is queued ahead of it for
-    `recv()`. At hundreds of streams, the queue and the task wake-up that `recv()` costs per
-    frame are the largest part of the gateway's work left. `take_frame` returns False to leave
-    the frame to `recv()`.
-    """
+    transport: asyncio.BaseTransport
 
-    take_frame: Callable[[bytes], bool] | None = None
+    async def recv(self) -> str | bytes | None:
+        """The next message, or None once `wake()` was called."""
 
-    def process_event(self, event) -> None:
-        take = self.take_frame
-        if (
-            take is not None
-            and isinstance(event, Frame)
-            and event.opcode is Opcode.BINARY
-            and event.fin
-            and not len(self.recv_messages.frames)
-            and take(bytes(event.data))
-        ):
-            return
-        super().process_event(event)
+    def wake(self) -> None: ...
+
+    async def send(self, message: str | bytes) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 class Connection:
     def __init__(
         self,
-        ws: ServerConnection,
+        ws: Link,
         dialect: Dialect,
         query: Mapping[str, str],
         config: Config,
@@ -136,7 +128,7 @@ class Connection:
             return
         results = asyncio.create_task(self._deliver_results())
         self.watched = True
-        fast = isinstance(self.ws, StreamConnection) and protocol.dialect.binary_audio
+        fast = isinstance(self.ws, WebSocket) and protocol.dialect.binary_audio
         try:
             await self._perform(opened)
             if fast:
@@ -174,15 +166,10 @@ class Connection:
                     raise
                 await self._perform(protocol.hangup())  # flush the call for its subscribers
                 return
-            except asyncio.CancelledError:
-                if not self.interrupted:
-                    raise
-                _uncancel(task)
-                self.interrupted = False
-                message = None
             finally:
                 self.reader = None
-            if message is None:  # the fast path or the watchdog left actions to carry out
+            if message is None:  # woken: the fast path or the watchdog left actions to carry out
+                self.interrupted = False
                 if self.outbox:
                     await self._flush()
                 await self._hold_back()
@@ -204,10 +191,11 @@ class Connection:
                 await asyncio.sleep(0)
 
     def _take_frame(self, data: bytes) -> bool:
-        """The fast path (StreamConnection): feed an audio frame to the protocol as it arrives,
-        while the reader waits for the next frame and nothing must go first. Engine requests
-        go to the scheduler at once; frames to send (rare: speech start and stop, status), and
-        backpressure, wake the reader, which sends them in order before reading on."""
+        """The fast path (`WebSocket.take_frame`): feed an audio frame to the protocol as it
+        arrives, while the reader waits for the next frame and nothing must go first. Engine
+        requests go to the scheduler at once; frames to send (rare: speech start and stop,
+        status), and backpressure, wake the reader, which sends them in order before reading
+        on."""
         protocol = self.protocol
         if (
             not data  # an empty frame may be a command (Deepgram's CloseStream)
@@ -239,7 +227,7 @@ class Connection:
 
     def _interrupt(self) -> None:
         self.interrupted = True
-        self.reader.cancel()  # websockets: a cancelled recv() loses no data
+        self.ws.wake()  # the waiting recv() returns None; no frame is lost
 
     async def _hold_back(self) -> None:
         """Backpressure: stop reading while the stream's finals pile up at the engine."""
@@ -356,9 +344,3 @@ class Connection:
         log.warning("client stopped reading; connection dropped", extra={"session": self.id})
         self.metrics.errors.labels("slow_client").inc()
         self.ws.transport.abort()
-
-
-def _uncancel(task: asyncio.Task) -> None:
-    """Forget a cancellation we handled ourselves (Python >= 3.11 counts them)."""
-    if hasattr(task, "uncancel"):
-        task.uncancel()

@@ -58,6 +58,7 @@ class WebSocket(asyncio.Protocol):
         self.fragments: list[bytes] = []
         self.fragmented_text = False
         self.waiter: asyncio.Future | None = None  # a recv() waiting for a message
+        self.woken = False  # `wake()` was called: recv() returns None instead of waiting
         self.reading_paused = False
         self.drain_waiter: asyncio.Future | None = None  # a send() waiting for the socket
         self.lost = self.loop.create_future()  # the TCP connection is gone
@@ -75,10 +76,13 @@ class WebSocket(asyncio.Protocol):
     def close_reason(self) -> str | None:
         return self.protocol.close_reason
 
-    async def recv(self) -> str | bytes:
-        """The next message; raises `ConnectionClosed` once the peer closed and all messages
-        were read. A cancelled recv() loses no message."""
+    async def recv(self) -> str | bytes | None:
+        """The next message, or None once `wake()` was called; raises `ConnectionClosed` once
+        the peer closed and all messages were read. A cancelled recv() loses no message."""
         while not self.messages:
+            if self.woken:
+                self.woken = False
+                return None
             if self.protocol.close_rcvd is not None or self.lost.done():
                 raise self.protocol.close_exc
             self.waiter = self.loop.create_future()
@@ -91,13 +95,22 @@ class WebSocket(asyncio.Protocol):
             self._resume_reading()
         return message
 
+    def wake(self) -> None:
+        """Make the waiting (or the next waiting) recv() return None: the reader has other work
+        (actions left by `take_frame`, a watchdog decision), and no message is lost."""
+        self.woken = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
     def __aiter__(self) -> AsyncIterator[str | bytes]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[str | bytes]:
         try:
             while True:
-                yield await self.recv()
+                message = await self.recv()
+                if message is not None:
+                    yield message
         except ConnectionClosed:
             return
 

@@ -13,8 +13,8 @@ import pytest
 
 from clients.telephony import audiosocket_sim
 from streaming.core.events import ErrorEvent
+from streaming.dialects.audiosocket import AudioSocketDialect, packet
 from streaming.dialects.base import Audio, Close, Configure, KeepAlive, Reject
-from streaming.transport.audiosocket import AudioSocketDialect, packet
 from tests.gateway_harness import EchoEngine, gateway_config, read_all, running, subscribe
 from tests.streams import RATE, librivox_clips
 
