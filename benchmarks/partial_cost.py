@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(overrides={"engine.model": args.model, "engine.device": args.device})
     print("loading model ...", file=sys.stderr, flush=True)
-    engine = selection.load_engine(**dataclasses.asdict(cfg.engine))
+    engine = selection.load_engine(**cfg.engine.load_keywords())
     seconds = max(args.lengths) + 2 * TOLERANCE_MS / 1000 + 1
     pcm = (np.clip(speech_stream(seconds + 5), -1, 1) * 32767).astype("<i2").tobytes()
     engine.draft([Segment(np.zeros(16000, np.float32))])  # warm-up, not timed

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Path:
     print("building manifests ...", file=sys.stderr, flush=True)
     built = build_manifests(names, workdir, args.telephony)
     print("loading model ...", file=sys.stderr, flush=True)
-    engine = selection.load_engine(**dataclasses.asdict(cfg.engine))
+    engine = selection.load_engine(**cfg.engine.load_keywords())
     first = next(iter(built.values()))[0]
     engine.transcribe([Segment(*read_audio(first.audio))])  # warm-up, not timed
     figures: dict[str, dict] = {}

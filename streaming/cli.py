@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -73,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transcribe.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
     transcribe.add_argument(
+        "--refine-model",
+        metavar="M",
+        help="transcribe with this (accuracy) model instead, loading only it; none: off "
+        "(engine.refine_model)",
+    )
+    transcribe.add_argument(
         "--batch", type=int, metavar="N", help="most files per engine call (engine.max_batch)"
     )
     transcribe.add_argument(
@@ -120,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", metavar="PATH_OR_ID", help="auto, a family, a folder or a hub id (engine.model)"
     )
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (engine.device)")
+    serve.add_argument(
+        "--refine-model",
+        metavar="M",
+        help="second model that re-transcribes each final at the lowest priority, as --model "
+        "takes; none: off (engine.refine_model)",
+    )
     serve.add_argument(
         "--batch", type=int, metavar="N", help="most requests per engine call (engine.max_batch)"
     )
@@ -208,29 +219,42 @@ def _serve(args: argparse.Namespace) -> int:
             "engine.model": args.model,
             "engine.device": args.device,
             "engine.max_batch": args.batch,
+            "engine.refine_model": args.refine_model,
         },
     )
-    engine_settings = dataclasses.asdict(cfg.engine)
-    choice = selection.choose_model(
-        cfg.engine.model,
-        granite_nar_model=cfg.engine.granite_nar_model,
-        whisper_model=cfg.engine.whisper_model,
-        device=cfg.engine.device,
-        granite_ar_model=cfg.engine.granite_ar_model,
-    )
-    selection.check_device(choice)
+    choice = _checked_choice(cfg, cfg.engine.model)
+    refine = cfg.engine.refine
+    refine_choice = None
+    if refine is not None:  # a refine model that cannot load must stop us before the port opens
+        try:
+            refine_choice = _checked_choice(cfg, refine)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"cannot load refine model {refine!r}: {err}") from err
 
     def load() -> Engine:
-        return selection.load_engine(**engine_settings)
+        return selection.load_engine(**cfg.engine.load_keywords())
+
+    def load_refine() -> Engine:
+        return selection.load_engine(**cfg.engine.load_keywords(refine))
 
     try:
         run = eventloop.runner(cfg.server.event_loop)
     except RuntimeError as err:  # uvloop asked for and not installed
         print(f"streamscribe: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"streamscribe: loading {_model_name(choice)} on {choice.device} ...", flush=True)
+    loading = f"{_model_name(choice)} on {choice.device}"
+    if refine_choice is not None:
+        loading += f", refine model {_model_name(refine_choice)} on {refine_choice.device}"
+    print(f"streamscribe: loading {loading} ...", flush=True)
     try:
-        error = run(server.run(cfg, load, on_ready=functools.partial(_print_ready, choice)))
+        error = run(
+            server.run(
+                cfg,
+                load,
+                on_ready=functools.partial(_print_ready, choice, refine_choice),
+                load_refine_engine=load_refine if refine is not None else None,
+            )
+        )
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
         error = f"cannot listen: {err.strerror or err}"
     if error:
@@ -239,12 +263,29 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checked_choice(cfg: Config, model: str) -> ModelChoice:
+    """What `model` would load with the engine section's sources and device, failing at once
+    (before a slow load, and before `serve` opens its port) when it or its device is wrong."""
+    from engine import selection
+
+    engine = cfg.engine
+    choice = selection.choose_model(
+        model,
+        granite_nar_model=engine.granite_nar_model,
+        whisper_model=engine.whisper_model,
+        device=engine.device,
+        granite_ar_model=engine.granite_ar_model,
+    )
+    selection.check_device(choice)
+    return choice
+
+
 def _model_name(choice: ModelChoice) -> str:
     family, source = choice.family, choice.source
     return family if not source or source == family else f"{family} ({source})"
 
 
-def _print_ready(choice: ModelChoice, gateway: Gateway) -> None:
+def _print_ready(choice: ModelChoice, refine: ModelChoice | None, gateway: Gateway) -> None:
     """The few lines a person needs once the model is loaded: what runs, and where to connect."""
     server = gateway.config.server
     wildcard = server.host in ("0.0.0.0", "::", "")
@@ -255,6 +296,13 @@ def _print_ready(choice: ModelChoice, gateway: Gateway) -> None:
         f"streamscribe {_version()} ready: {_model_name(choice)} on "
         f"{gateway.scheduler.engine.device}"
         + (" (listening on every interface)" if wildcard else ""),
+    ]
+    if refine is not None:
+        lines.append(
+            f"  refine    {_model_name(refine)} on {gateway.scheduler.refine_engine.device}   "
+            "(accuracy pass after each final, lowest priority)"
+        )
+    lines += [
         f"  streams   ws://{base}/v1/stream   (Deepgram /v1/listen, OpenAI /v1/realtime, "
         "Twilio /v1/telephony/twilio)",
         f"  browser   http://{base}/",
@@ -302,11 +350,11 @@ def _transcribe(args: argparse.Namespace) -> int:
             "engine.model": args.model,
             "engine.device": args.device,
             "engine.max_batch": args.batch,
+            "engine.refine_model": args.refine_model,
             "session.language": args.language,
         },
     )
     # Imported here so that commands which need no model stay light.
-    from engine import selection
     from engine.api import engine_languages, primary_language
     from streaming.core.audiofile import AudioFileError, probe, read_audio
     from streaming.ops.config import check_language
@@ -342,7 +390,7 @@ def _transcribe(args: argparse.Namespace) -> int:
 
     with out if args.output else contextlib.nullcontext():
         started = time.monotonic()
-        engine = selection.load_engine(**dataclasses.asdict(cfg.engine))
+        engine = _load_offline_engine(cfg)
         log.info(
             "engine loaded",
             extra={
@@ -353,6 +401,25 @@ def _transcribe(args: argparse.Namespace) -> int:
         )
         check_language(cfg.session.language, engine_languages(engine), "session.language")
         return _transcribe_files(engine, args, read, out, cfg.engine.max_batch)
+
+
+def _load_offline_engine(cfg: Config) -> Engine:
+    """The primary model, or, when a refine model is set, only that one: files are not
+    latency-bound, so the accuracy model's text is the one to write, and loading the primary
+    too would only cost time and memory."""
+    from engine import selection
+
+    refine = cfg.engine.refine
+    if refine is None:
+        return selection.load_engine(**cfg.engine.load_keywords())
+    log.info(
+        "refine model set: transcribing files with it only, the primary model is not loaded",
+        extra={"refine_model": refine, "model": cfg.engine.model},
+    )
+    try:
+        return selection.load_engine(**cfg.engine.load_keywords(refine))
+    except ModelLoadError as err:
+        raise ModelLoadError(f"cannot load refine model {refine!r}: {err}") from err
 
 
 def _transcribe_files(

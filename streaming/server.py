@@ -67,11 +67,20 @@ WEB_TYPES = {
 
 
 class Gateway:
-    """Shared state of one server: config, engine and scheduler, metrics, live connections."""
+    """Shared state of one server: config, engine and scheduler, metrics, live connections.
 
-    def __init__(self, config: Config, load_engine: Callable[[], Engine]) -> None:
+    `load_refine_engine`, when given, loads the refine (accuracy pass) model after the primary
+    one; the scheduler runs it at the lowest priority."""
+
+    def __init__(
+        self,
+        config: Config,
+        load_engine: Callable[[], Engine],
+        load_refine_engine: Callable[[], Engine] | None = None,
+    ) -> None:
         self.config = config
         self.load_engine = load_engine
+        self.load_refine_engine = load_refine_engine
         self.scheduler: Scheduler | None = None
         self.metrics = Metrics()
         self.connections: StreamRegistry[Connection] = StreamRegistry()  # live streams
@@ -131,22 +140,45 @@ class Gateway:
         self.watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._watch)
 
     def _load(self) -> None:
+        refine: Engine | None = None
         try:
-            engine = self.load_engine()
-            # every stream starts from the default language: a model without it serves none
-            check_language(
-                self.config.session.language, engine_languages(engine), "session.language"
-            )
+            engine = self._load_checked(self.load_engine)
+            if self.load_refine_engine is not None:
+                try:
+                    refine = self._load_checked(self.load_refine_engine)
+                except Exception as err:  # named, as a start-up failure must say which model
+                    name = self.config.engine.refine_model
+                    raise ModelLoadError(
+                        f"cannot load refine model {name!r}: {_load_failure(err)}"
+                    ) from err
         except Exception as err:  # reported by /readyz; `run` stops the process with the reason
-            loading = isinstance(err, ModelLoadError)
-            self.engine_error = str(err) if loading else f"{type(err).__name__}: {err}"
+            self.engine_error = _load_failure(err)
             log.info("engine failed to load", extra={"error": self.engine_error})
             return
-        scheduler = Scheduler(engine, self.config.scheduler, max_batch=self.config.engine.max_batch)
+        scheduler = Scheduler(
+            engine,
+            self.config.scheduler,
+            max_batch=self.config.engine.max_batch,
+            refine_engine=refine,
+        )
         scheduler.start()
         self.metrics.watch(scheduler)
         self.scheduler = scheduler
-        log.info("engine ready", extra={"family": engine.family, "device": engine.device})
+        log.info(
+            "engine ready",
+            extra={
+                "family": engine.family,
+                "device": engine.device,
+                "refine_family": refine.family if refine is not None else None,
+            },
+        )
+
+    def _load_checked(self, load: Callable[[], Engine]) -> Engine:
+        """Load a model that must transcribe the default language: every stream starts from
+        it, so a model without it would serve none."""
+        engine = load()
+        check_language(self.config.session.language, engine_languages(engine), "session.language")
+        return engine
 
     @property
     def port(self) -> int:
@@ -264,6 +296,11 @@ class Gateway:
             self.scheduler.stop(timeout=grace)
 
 
+def _load_failure(err: Exception) -> str:
+    """A load failure in one line: a ModelLoadError says it all, anything else gets its type."""
+    return str(err) if isinstance(err, ModelLoadError) else f"{type(err).__name__}: {err}"
+
+
 def _query(text: str) -> dict[str, str]:
     """Query parameters; a repeated one (`keyterm=a&keyterm=b`) becomes a comma-joined list."""
     values: dict[str, list[str]] = {}
@@ -319,11 +356,13 @@ async def run(
     config: Config,
     load_engine: Callable[[], Engine],
     on_ready: Callable[[Gateway], None] | None = None,
+    load_refine_engine: Callable[[], Engine] | None = None,
 ) -> str | None:
-    """Serve until SIGTERM/SIGINT, then drain. Returns the reason when the engine could not be
-    loaded (the process should exit with an error), else None. `on_ready` is called once the
-    model is loaded (the port answers /healthz before that)."""
-    gateway = Gateway(config, load_engine)
+    """Serve until SIGTERM/SIGINT, then drain. Returns the reason when the engine (or the refine
+    engine, when `load_refine_engine` is given) could not be loaded (the process should exit with
+    an error), else None. `on_ready` is called once the models are loaded (the port answers
+    /healthz before that)."""
+    gateway = Gateway(config, load_engine, load_refine_engine)
     await gateway.start()
     http_port = gateway.rest.port if gateway.rest is not None else None
     loop = asyncio.get_running_loop()

@@ -65,8 +65,11 @@ def gateway_config(**server) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, engine, timeout_s: float = 60.0):
-    gateway = Gateway(config, lambda: engine)
+async def running(config: Config, engine, timeout_s: float = 60.0, refine_engine=None):
+    """A started gateway with `engine` (and `refine_engine` as its refine model, if given),
+    once ready."""
+    load_refine = None if refine_engine is None else lambda: refine_engine
+    gateway = Gateway(config, lambda: engine, load_refine)
     await gateway.start()
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not gateway.ready:

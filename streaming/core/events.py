@@ -68,6 +68,26 @@ class FinalTranscript:
 
 
 @dataclass(frozen=True)
+class RefinedTranscript:
+    """The refine model's text of a segment whose final already went out (refine_mode async).
+    `skipped`: the refine pass did not run (`reason`: queue_full, deadline, or the error), and
+    the final stands; `changed`: the refined text differs from the final's."""
+
+    channel: int
+    segment_id: int
+    start_ms: int
+    end_ms: int
+    text: str
+    words: list[Word]  # stream time
+    confidence: float
+    queue_ms: int
+    compute_ms: int
+    changed: bool
+    skipped: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Status:
     lag_ms: int
     queued_audio_ms: int
@@ -123,6 +143,7 @@ Event = (
     | SpeechStopped
     | PartialTranscript
     | FinalTranscript
+    | RefinedTranscript
     | Status
     | ErrorEvent
     | SessionClosed
@@ -133,9 +154,10 @@ Event = (
 
 @dataclass(frozen=True, eq=False)
 class EngineRequest:
-    """Ask the scheduler for a `draft` (partial) or `transcribe` (final) of one segment."""
+    """Ask the scheduler for a `draft` (partial) or `transcribe` (final) of one segment, or for
+    the refine model's `transcribe` of a final's audio (refine)."""
 
-    kind: str  # "partial" | "final"
+    kind: str  # "partial" | "final" | "refine"
     channel: int
     segment_id: int
     rev: int
@@ -144,3 +166,4 @@ class EngineRequest:
     window: Window = WHOLE_SEGMENT  # which part of the segment `audio` is (partials)
     first_text: bool = False  # a partial of a segment that has shown no words yet
     language: str | None = None  # Segment.language: a primary subtag, or None for the model's
+    deadline_ms: int | None = None  # refine: no use this long after it is asked for

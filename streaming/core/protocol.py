@@ -36,7 +36,7 @@ from streaming.dialects.base import (
     Reply,
     Update,
 )
-from streaming.ops.config import Config, ConfigError, session_options
+from streaming.ops.config import Config, ConfigError, SessionConfig, session_options
 
 if TYPE_CHECKING:
     from engine.scheduler import Outcome
@@ -97,9 +97,11 @@ class StreamProtocol:
         *,
         backlog: Callable[[], tuple[float, float]] = no_backlog,
         observer: Observer | None = None,
+        refine_model: bool = False,
     ) -> None:
         """`languages`: what the engine transcribes (None: any); `backlog`: the scheduler's
-        (lag ms, queued audio ms), looked at once a second for `status`."""
+        (lag ms, queued audio ms), looked at once a second for `status`; `refine_model`: a
+        refine model is loaded (finals may be refined)."""
         self.id = session_id
         self.dialect = dialect
         self.query = query
@@ -115,6 +117,11 @@ class StreamProtocol:
         self.ends = now + config.server.max_session_s
         self.drain_at: float | None = None
         self.last_status = float("-inf")
+        self.refine_model = refine_model
+        # refine requests in flight by (channel, segment): when each stops being worth waiting
+        # for; past it the session is told, so a held final never waits on a busy engine
+        self.refine_due: dict[tuple[int, int], tuple[float, EngineRequest]] = {}
+        self.now = now
         self._send: list[str | bytes] = []
         self._submit: list[EngineRequest] = []
         self._publish: list[Event] = []
@@ -154,7 +161,7 @@ class StreamProtocol:
             options = session_options(
                 self.config.session, opening.options, "query string", self.languages
             )
-            self.session = Session(self.id, options)
+            self.session = self._new_session(options)
         except (ConfigError, ValueError) as err:
             self._fail("invalid_config", str(err), CLOSE_BAD_CONFIG)
             return self._take()
@@ -162,20 +169,36 @@ class StreamProtocol:
         self._out(self.session.start())
         return self._take()
 
+    def _new_session(self, options: SessionConfig) -> Session:
+        return Session(
+            self.id,
+            options,
+            refine_model=self.refine_model,
+            refined_messages=self.dialect.refined_messages,
+        )
+
     def receive_text(self, text: str, now: float) -> Actions:
-        self.last_message = now
+        self.last_message = self.now = now
         self._apply(self.dialect.on_text(text), now)
         return self._take()
 
     def receive_binary(self, data: bytes, now: float) -> Actions:
-        self.last_message = now
+        self.last_message = self.now = now
         self._apply(self.dialect.on_binary(data), now)
+        if self.refine_due:
+            self._expire_refines(now)
         return self._take()
 
-    def on_result(self, request: EngineRequest, outcome: Outcome) -> Actions:
-        """The scheduler's answer to one of this stream's requests."""
+    def on_result(
+        self, request: EngineRequest, outcome: Outcome, now: float | None = None
+    ) -> Actions:
+        """The scheduler's answer to one of this stream's requests (`now`: when it arrived)."""
+        if now is not None:
+            self.now = now
         if self.session is None or self.failed:
             return NOTHING
+        if request.kind == "refine":
+            self.refine_due.pop((request.channel, request.segment_id), None)
         self._out(
             self.session.on_result(
                 request,
@@ -202,9 +225,13 @@ class StreamProtocol:
 
     def tick(self, now: float) -> Actions:
         """Called while the transport waits for the client: ends a stream that reached its
-        drain deadline, its maximum duration or its idle timeout."""
+        drain deadline, its maximum duration or its idle timeout; and tells the session of
+        refine work past its deadline."""
+        self.now = now
+        if self.refine_due:
+            self._expire_refines(now)
         if not self.reading:
-            return NOTHING
+            return self._take()
         server = self.config.server
         if self.drain_at is not None and now >= self.drain_at:
             self._out(self.session.close("shutdown"))
@@ -288,7 +315,7 @@ class StreamProtocol:
             options = session_options(
                 previous.options, command.options, "session.start", self.languages
             )
-            self.session = Session(self.id, options)
+            self.session = self._new_session(options)
         except (ConfigError, ValueError) as err:  # ValueError: options that clash
             self._fail("invalid_config", str(err), CLOSE_BAD_CONFIG)
             return
@@ -312,6 +339,14 @@ class StreamProtocol:
         if command.reply is not None:
             self._event(command.reply)
 
+    def _expire_refines(self, now: float) -> None:
+        """Refine work past its deadline counts as skipped: a held final goes out unrefined,
+        `transcript.refined` says skipped; the scheduler's late answer is then ignored."""
+        late = [key for key, (due, _) in self.refine_due.items() if due <= now]
+        for key in late:
+            _, request = self.refine_due.pop(key)
+            self._out(self.session.on_result(request, None, error="deadline"))
+
     def _fail(self, code: str, message: str, close_code: int) -> None:
         """A fatal error: sent, then the connection closes with `close_code`."""
         self.failed = True
@@ -324,6 +359,9 @@ class StreamProtocol:
         for item in outputs:
             if isinstance(item, EngineRequest):
                 self._submit.append(item)
+                if item.deadline_ms is not None:
+                    due = self.now + item.deadline_ms / 1000
+                    self.refine_due[(item.channel, item.segment_id)] = (due, item)
             else:
                 self._event(item)
 

@@ -23,6 +23,7 @@ from streaming.core.events import (
     FinalTranscript,
     Latency,
     PartialTranscript,
+    RefinedTranscript,
     SessionClosed,
     SessionStarted,
     SpeechStarted,
@@ -54,6 +55,25 @@ class PendingFinal:
     reason: str
     from_finalize: bool
     tracker: StabilityTracker | None
+    held: HeldFinal | None = None  # refine_mode sync: the primary's final, waiting for refine
+
+
+@dataclass(frozen=True)
+class HeldFinal:
+    """A primary final kept back until the refine model's text comes (refine_mode sync)."""
+
+    hypothesis: Hypothesis
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class RefineWait:
+    """A final already sent whose refined text is on its way (refine_mode async)."""
+
+    start_ms: int
+    end_ms: int
+    text: str
 
 
 @dataclass
@@ -66,6 +86,7 @@ class ChannelState:
     shown_rev: dict[int, int] = field(default_factory=dict)  # last rev sent to the client
     texted: set[int] = field(default_factory=set)  # open segments whose partials showed words
     pending: dict[int, PendingFinal] = field(default_factory=dict)
+    refining: dict[int, RefineWait] = field(default_factory=dict)  # async refine in flight
 
 
 @dataclass
@@ -78,9 +99,20 @@ class SessionStats:
 
 
 class Session:
-    def __init__(self, session_id: str, options: SessionConfig) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        options: SessionConfig,
+        *,
+        refine_model: bool = False,
+        refined_messages: bool = True,
+    ) -> None:
+        """`refine_model`: a refine model is loaded; `refined_messages`: the dialect can carry
+        `transcript.refined` (else refine runs in sync mode: the final waits for it)."""
         self.id = session_id
         self.options = options
+        self.refine_model = refine_model
+        self.refined_messages = refined_messages
         self.decoder = AudioDecoder(
             AudioFormat(options.encoding, options.sample_rate, options.channels)
         )
@@ -167,14 +199,18 @@ class Session:
         queue_ms: float = 0.0,
         compute_ms: float = 0.0,
     ) -> list[Output]:
-        """A scheduler outcome: `hypothesis` None means dropped (partials) or failed (`error`)."""
+        """A scheduler outcome: `hypothesis` None means dropped (partials, refine) or failed
+        (`error`)."""
         channel = self.channels[request.channel]
         if request.kind == "partial":
             return self._on_partial(channel, request, hypothesis)
-        pending = channel.pending.pop(request.segment_id, None)
+        if request.kind == "refine":
+            return self._on_refined(channel, request, hypothesis, error, queue_ms, compute_ms)
+        pending = channel.pending.get(request.segment_id)
         if pending is None:
             return []
         if hypothesis is None:
+            del channel.pending[request.segment_id]
             out: list[Output] = [
                 ErrorEvent(
                     "engine_error",
@@ -185,14 +221,32 @@ class Session:
                 *self.captions.final(request.channel, request.segment_id, None),
             ]
             return out + self._maybe_closed()
-        final = self._final(channel, request, pending, hypothesis, queue_ms, compute_ms)
-        return [
-            final,
-            *self.captions.final(request.channel, request.segment_id, final.words),
-            *self._maybe_closed(),
-        ]
+        mode = self.refine_mode
+        if mode == "sync" and hypothesis.words:
+            pending.held = HeldFinal(hypothesis, queue_ms, compute_ms)
+            return [self._refine_request(request)]
+        del channel.pending[request.segment_id]
+        out = self._send_final(channel, request, pending, hypothesis, queue_ms, compute_ms)
+        if mode == "async" and hypothesis.words:
+            final = out[0]
+            channel.refining[request.segment_id] = RefineWait(
+                final.start_ms, final.end_ms, final.text
+            )
+            out.insert(1, self._refine_request(request))
+        return out + self._maybe_closed()
 
-    # --- internals ---------------------------------------------------------------------------
+    @property
+    def refine_mode(self) -> str | None:
+        """How finals are refined now: None (not at all), "async" or "sync"."""
+        if not (self.refine_model and self.options.refine):
+            return None
+        return self.options.refine_mode if self.refined_messages else "sync"
+
+    @property
+    def refines_pending(self) -> int:
+        return sum(len(ch.refining) for ch in self.channels)
+
+        # --- internals ---------------------------------------------------------------------------
 
     def _consume(self, audio: np.ndarray, from_finalize: bool) -> list[Output]:
         out: list[Output] = []
@@ -359,8 +413,76 @@ class Session:
             from_finalize=pending.from_finalize,
         )
 
+    def _send_final(
+        self,
+        channel: ChannelState,
+        request: EngineRequest,
+        pending: PendingFinal,
+        hypothesis: Hypothesis,
+        queue_ms: float,
+        compute_ms: float,
+    ) -> list[Output]:
+        final = self._final(channel, request, pending, hypothesis, queue_ms, compute_ms)
+        return [final, *self.captions.final(request.channel, request.segment_id, final.words)]
+
+    def _refine_request(self, final: EngineRequest) -> EngineRequest:
+        """The refine model's turn at a final's audio: same language and hotwords."""
+        return EngineRequest(
+            "refine",
+            final.channel,
+            final.segment_id,
+            0,
+            final.audio,
+            self.hotwords,
+            language=self._language(),
+            deadline_ms=self.options.refine_deadline_ms,
+        )
+
+    def _on_refined(
+        self,
+        channel: ChannelState,
+        request: EngineRequest,
+        hypothesis: Hypothesis | None,
+        error: str,
+        queue_ms: float,
+        compute_ms: float,
+    ) -> list[Output]:
+        """Sync: the held final goes out with the refined text (or its own, when refine did not
+        run). Async: `transcript.refined` follows the final already sent."""
+        segment_id = request.segment_id
+        pending = channel.pending.get(segment_id)
+        if pending is not None and pending.held is not None:
+            del channel.pending[segment_id]
+            held = pending.held
+            chosen = hypothesis if hypothesis is not None else held.hypothesis
+            out = self._send_final(
+                channel,
+                request,
+                pending,
+                chosen,
+                held.queue_ms + queue_ms,
+                held.compute_ms + compute_ms,
+            )
+            return out + self._maybe_closed()
+        wait = channel.refining.pop(segment_id, None)
+        if wait is None:
+            return []  # answered already (its deadline passed)
+        if hypothesis is None:
+            refined = RefinedTranscript(
+                channel.index, segment_id, wait.start_ms, wait.end_ms, wait.text, [], 0.0,
+                int(queue_ms), int(compute_ms), changed=False, skipped=True,
+                reason=error or "dropped",
+            )  # fmt: skip
+        else:
+            refined = RefinedTranscript(
+                channel.index, segment_id, wait.start_ms, wait.end_ms, hypothesis.text,
+                _shift(hypothesis.words, wait.start_ms), hypothesis.confidence,
+                int(queue_ms), int(compute_ms), changed=hypothesis.text != wait.text,
+            )  # fmt: skip
+        return [refined, *self._maybe_closed()]
+
     def _maybe_closed(self) -> list[Output]:
-        if self.state != "closing" or self.pending_finals:
+        if self.state != "closing" or self.pending_finals or self.refines_pending:
             return []
         self.state = "closed"
         return [SessionClosed(self.audio_ms, self.stats.segments, self.close_reason)]

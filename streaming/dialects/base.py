@@ -92,6 +92,9 @@ class Dialect(ABC):
     # so the gateway may feed it to the session as soon as it is parsed (the fast path).
     binary_audio: bool
     call_id: str | None = None  # the telephony call this stream carries, once it is known
+    # It has a message for a refined text after the final (native `transcript.refined`); if
+    # not, a refine pass holds the final back and sends the refined text as the final.
+    refined_messages: bool = False
     channel_labels: tuple[str, ...] = ()  # the call's name for each channel
 
     @abstractmethod

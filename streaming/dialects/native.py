@@ -17,6 +17,7 @@ from streaming.core.events import (
     Event,
     FinalTranscript,
     PartialTranscript,
+    RefinedTranscript,
     SessionClosed,
     SessionStarted,
     SpeechStarted,
@@ -73,6 +74,7 @@ def split_hotwords(value: object) -> tuple[str, ...]:
 class NativeDialect(Dialect):
     name = "native"
     binary_audio = True
+    refined_messages = True
 
     def __init__(self) -> None:
         self.seq = 0
@@ -182,6 +184,22 @@ class NativeDialect(Dialect):
                 "reason": event.reason,
                 "from_finalize": event.from_finalize,
             }
+        if isinstance(event, RefinedTranscript):
+            message = {
+                "type": "transcript.refined",
+                "channel": event.channel,
+                "segment_id": event.segment_id,
+                "start_ms": event.start_ms,
+                "end_ms": event.end_ms,
+                "text": event.text,
+                "words": words_json(event.words),
+                "confidence": round(event.confidence, 4),
+                "latency": {"queue_ms": event.queue_ms, "compute_ms": event.compute_ms},
+                "changed": event.changed,
+            }
+            if event.skipped:
+                message |= {"skipped": True, "reason": event.reason}
+            return message
         if isinstance(event, Status):
             return {
                 "type": "status",

@@ -85,6 +85,23 @@ class EngineConfig:
     window_s: float = setting(DEFAULT_OPTIONS.window_s, gt=0)
     window_overlap_s: float = setting(DEFAULT_OPTIONS.window_overlap_s, ge=0, below="window_s")
     hub_timeout_s: float = setting(DEFAULT_OPTIONS.hub_timeout_s, gt=0)
+    refine_model: str = "none"
+
+    @property
+    def refine(self) -> str | None:
+        """The refine (accuracy pass) model asked for; None when `refine_model` is none/empty."""
+        name = self.refine_model.strip()
+        return None if name.lower() in ("", "none") else name
+
+    def load_keywords(self, model: str | None = None) -> dict[str, Any]:
+        """The keywords of engine.selection.load_engine: this section without `refine_model`
+        (not a loading option), and `model` in place of `engine.model` when given, so the refine
+        model loads with the primary's device, dtype and sources."""
+        keywords = dataclasses.asdict(self)
+        del keywords["refine_model"]
+        if model is not None:
+            keywords["model"] = model
+        return keywords
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,9 @@ class SessionConfig:
     captions_rows: int = setting(2, allowed=(2, 3))
     captions_hold_back_words: int = setting(1, ge=0, le=10)
     timecode_origin_ms: int = setting(0, ge=0)
+    refine: bool = True
+    refine_mode: str = setting("async", choices=("async", "sync"))
+    refine_deadline_ms: int = setting(3000, ge=100, le=60000)
 
 
 @dataclass(frozen=True)

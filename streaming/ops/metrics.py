@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.scheduler import Scheduler
+from engine.scheduler import KINDS, Scheduler
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.5, 2.5, 5.0, 10.0)
 CAPTION_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0)
@@ -74,7 +74,7 @@ class SchedulerCollector:
         requests = CounterMetricFamily(
             "streamscribe_engine_requests", "Engine requests completed", labels=["kind"]
         )
-        for kind in ("partial", "final"):
+        for kind in KINDS:
             batches.add_metric([kind], stats.batches[kind])
             requests.add_metric([kind], stats.completed[kind])
         dropped = CounterMetricFamily(
@@ -84,6 +84,13 @@ class SchedulerCollector:
         )
         for reason, count in sorted(stats.dropped.items()):
             dropped.add_metric([reason], count)
+        refine_skipped = CounterMetricFamily(
+            "streamscribe_refine_skipped",
+            "Refine requests skipped, never computed",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.refine_skipped.items()):
+            refine_skipped.add_metric([reason], count)
         failed = CounterMetricFamily("streamscribe_engine_failures", "Engine requests that failed")
         failed.add_metric([], stats.failed)
         lag_ms, queued_ms = self.scheduler.backlog()
@@ -100,4 +107,14 @@ class SchedulerCollector:
             "streamscribe_engine_compute_seconds", "Time spent in the engine"
         )
         compute.add_metric([], stats.compute_seconds)
-        yield from (batches, requests, dropped, failed, lag, queued, mean_batch, compute)
+        yield from (
+            batches,
+            requests,
+            dropped,
+            refine_skipped,
+            failed,
+            lag,
+            queued,
+            mean_batch,
+            compute,
+        )

@@ -4,7 +4,9 @@ The `websockets` server cannot read request bodies, so this endpoint runs on aio
 process and event loop, on its own port (`server.http_port`), started and stopped by the Gateway.
 It never calls the model: an upload is decoded and resampled here, then submitted as ONE final
 request to the gateway's scheduler, so files batch with the finals of live streams (the engine
-cuts long audio into windows itself). Response formats json, text, verbose_json (segments and
+cuts long audio into windows itself). When a refine (accuracy) model is loaded, a file is not
+latency-bound, so it goes as a refine request without a deadline, and as a final only when the
+refine pass skips or fails it. Response formats json, text, verbose_json (segments and
 words), srt and vtt (the pop-on cues and writers of streaming/core/captions.py, as the CLI writes
 them); `stream=true` answers with server-sent events. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`.
@@ -19,6 +21,7 @@ import logging
 import math
 import uuid
 import zlib
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,7 @@ from aiohttp import BodyPartReader, web
 
 from engine.api import (
     TARGET_SAMPLE_RATE,
+    Engine,
     Hypothesis,
     Segment,
     Word,
@@ -35,7 +39,7 @@ from engine.api import (
     primary_language,
 )
 from engine.audio import resample
-from engine.scheduler import Outcome, Request
+from engine.scheduler import Kind, Outcome, Request
 from streaming.core.captions import cues_from_words, to_srt, to_vtt
 from streaming.ops.admission import RETRY_AFTER_S, refusal
 from streaming.ops.config import ConfigError, check_language, parse_bool
@@ -186,23 +190,20 @@ class RestServer:
     async def _submit(
         self, audio: np.ndarray, hotwords: tuple[str, ...], language: str
     ) -> Hypothesis:
-        """One final request to the scheduler; its answer comes back on the worker thread."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome] = loop.create_future()
-
-        def done(outcome: Outcome) -> None:  # on the scheduler's thread
-            loop.call_soon_threadsafe(_settle, future, outcome)
-
+        """The refine model's text when one is loaded and it transcribes the language, else (or
+        when the refine pass skips or fails the file) one final request's."""
+        segment = Segment(audio, hotwords=hotwords, language=primary_language(language) or None)
         key = ("openai_rest", uuid.uuid4().hex)
-        self.gateway.scheduler.submit(
-            Request(
-                "final",
-                key,
-                Segment(audio, hotwords=hotwords, language=primary_language(language) or None),
-                done,
+        refine = self.gateway.scheduler.refine_engine
+        if refine is not None and _transcribes(refine, language):
+            outcome = await self._request("refine", key, segment)
+            if outcome.hypothesis is not None:
+                return outcome.hypothesis
+            log.info(
+                "refine pass did not transcribe the file; using the primary model",
+                extra={"status": outcome.status, "reason": outcome.reason},
             )
-        )
-        outcome = await future
+        outcome = await self._request("final", key, segment)
         if outcome.hypothesis is None:
             raise ApiError(
                 500,
@@ -211,6 +212,24 @@ class RestServer:
                 kind="server_error",
             )
         return outcome.hypothesis
+
+    async def _request(self, kind: Kind, key: Hashable, segment: Segment) -> Outcome:
+        """Submit one request (a refine one without a deadline: files are not latency-bound)
+        and wait for its outcome, which comes back on the scheduler's thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+
+        def done(outcome: Outcome) -> None:  # on the scheduler's thread
+            loop.call_soon_threadsafe(_settle, future, outcome)
+
+        self.gateway.scheduler.submit(Request(kind, key, segment, done, deadline=None))
+        return await future
+
+
+def _transcribes(engine: Engine, language: str) -> bool:
+    """Whether the engine takes the language (empty: the model decides)."""
+    languages = engine_languages(engine)
+    return not language or languages is None or primary_language(language) in languages
 
 
 def _settle(future: asyncio.Future, outcome: Outcome) -> None:

@@ -87,6 +87,7 @@ class Connection:
             self.loop.time(),
             backlog=scheduler.backlog,
             observer=MetricsObserver(metrics, self.id, captions),
+            refine_model=scheduler.refine_engine is not None,
         )
         self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
         self.progress = asyncio.Event()
@@ -314,6 +315,11 @@ class Connection:
                 ),
                 done,
                 first_text=item.first_text,
+                deadline=(
+                    None
+                    if item.deadline_ms is None
+                    else self.loop.time() + item.deadline_ms / 1000  # loop time is monotonic
+                ),
             )
         )
 
@@ -321,7 +327,7 @@ class Connection:
         while True:
             item, outcome = await self.results.get()
             try:
-                await self._perform(self.protocol.on_result(item, outcome))
+                await self._perform(self.protocol.on_result(item, outcome, self.loop.time()))
             except ConnectionClosed:
                 return
             finally:

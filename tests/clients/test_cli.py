@@ -129,8 +129,38 @@ def test_load_engine_gets_the_engine_config_with_flags_applied(fake, files, monk
     monkeypatch.setenv("STREAMSCRIBE_ENGINE__MODEL", "granite-nar")
     path = next(iter(files))
     assert main(["transcribe", "--model", "whisper", "--device", "cpu", "--batch", "3", path]) == 0
-    assert fake.load_kwargs == dataclasses.asdict(
+    expected = dataclasses.asdict(
         EngineConfig(model="whisper", device="cpu", max_batch=3, dtype="float32")
+    )
+    del expected["refine_model"]  # the refine model is no loading option
+    assert fake.load_kwargs == expected
+
+
+def test_transcribe_with_a_refine_model_loads_only_it(fake, files, monkeypatch, caplog):
+    """Files are not latency-bound: the refine (accuracy) model's text is written, and the
+    primary model is not loaded at all."""
+    loads = []
+    monkeypatch.setattr("engine.selection.load_engine", lambda **kw: loads.append(kw) or fake)
+    path = next(iter(files))
+    argv = ["transcribe", "--model", "granite-nar", "--refine-model", "base", "--device", "cpu"]
+    with caplog.at_level(logging.INFO, logger="streaming.cli"):
+        assert main([*argv, path]) == 0
+    (kwargs,) = loads
+    assert (kwargs["model"], kwargs["device"]) == ("base", "cpu") and "refine_model" not in kwargs
+    assert len(fake.calls) == 1
+    assert any("primary model is not loaded" in r.getMessage() for r in caplog.records)
+
+
+def test_transcribe_names_the_refine_model_that_cannot_load(files, monkeypatch, capsys):
+    def load_engine(**kwargs):
+        raise ModelLoadError(f"cannot load whisper model {kwargs['model']!r} on cpu: gone")
+
+    monkeypatch.setattr("engine.selection.load_engine", load_engine)
+    assert main(["transcribe", "--refine-model", "/m/w", next(iter(files))]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "streamscribe: error: cannot load refine model '/m/w': "
+        "cannot load whisper model '/m/w' on cpu: gone\n"
     )
 
 
@@ -350,8 +380,8 @@ def test_models_names_the_packages_to_install(no_gpu_no_loading, monkeypatch, ca
 def test_serve_flags_reach_the_configuration(monkeypatch):
     seen = {}
 
-    def run(cfg, load, on_ready=None):
-        seen["cfg"] = cfg
+    def run(cfg, load, on_ready=None, load_refine_engine=None):
+        seen["cfg"], seen["load_refine"] = cfg, load_refine_engine
 
         async def served():
             return None
@@ -363,6 +393,11 @@ def test_serve_flags_reach_the_configuration(monkeypatch):
     assert main(argv) == 0
     engine = seen["cfg"].engine
     assert (engine.model, engine.max_batch, seen["cfg"].logging.level) == ("noop", 4, "error")
+    assert seen["load_refine"] is None  # engine.refine_model: none
+
+    assert main([*argv, "--refine-model", "noop:5"]) == 0
+    assert seen["cfg"].engine.refine_model == "noop:5"
+    assert seen["load_refine"]().delay_ms == 5.0  # the refine model, loaded for real
 
 
 def test_models_bad_device_is_a_config_error(no_gpu_no_loading, capsys):

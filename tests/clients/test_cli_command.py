@@ -247,3 +247,70 @@ def test_clients_refuse_server_settings_they_would_ignore():
     done = streamscribe("bench", "--help")
     assert done.returncode == 0 and "stream_load" in done.stdout and "caption_wer" in done.stdout
     assert streamscribe("bench", "nonsense").returncode == 2
+
+
+# --- the refine (accuracy pass) model ----------------------------------------------------------
+
+
+def test_serve_with_a_refine_model_that_cannot_load_says_which_before_the_port_opens(tmp_path):
+    missing = tmp_path / "no-such-refine-model"
+    done = streamscribe(
+        "serve", "--port", "0", "--http-port", "-1", "--model", "noop",
+        "--refine-model", str(missing),
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"streamscribe: error: cannot load refine model '{missing}': ")
+    assert done.stdout == ""  # refused before anything loads or listens
+
+    # A family whose configured source fails only when loading: still one line naming it.
+    done = streamscribe(
+        "serve", "--port", "0", "--http-port", "-1", "--model", "noop",
+        "--refine-model", "granite-nar", "--device", "cpu",
+        env={"STREAMSCRIBE_ENGINE__GRANITE_NAR_MODEL": str(missing)},
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"streamscribe: error: cannot load refine model 'granite-nar': cannot load granite-nar "
+        f"model '{missing}' on cpu"
+    )
+    assert "ready" not in done.stdout
+
+
+def test_serve_ready_summary_names_the_refine_model():
+    proc, lines = start_serve("--model", "noop", "--refine-model", "noop:5")
+    try:
+        assert lines[0] == "streamscribe: loading noop on cpu, refine model noop (5) on cpu ..."
+        assert re.match(r"streamscribe \S+ ready: noop on cpu$", lines[1])
+        assert lines[2].startswith("  refine    noop (5) on cpu ")
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port_of(lines, 'streams')}/readyz", timeout=10
+        ) as ready:
+            assert ready.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.mark.slow
+def test_transcribe_writes_the_refine_models_text():
+    """The primary is the no-op engine (placeholder words w0 w1 ...): real words can only come
+    from the refine model, Whisper tiny.en on the CPU."""
+    needs_clip()
+    pytest.importorskip("faster_whisper")
+    done = streamscribe(
+        "transcribe", "--model", "noop", "--refine-model", "whisper", "--device", "cpu",
+        "--log-level", "info", str(CLIP),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "And Mr. John Dashwood had then leisure to consider how much there might be prudently "
+        "in his power to do for them.\n"
+    )
+    logged = [json.loads(line) for line in done.stderr.splitlines()]
+    assert any("primary model is not loaded" in entry["msg"] for entry in logged)

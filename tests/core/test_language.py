@@ -234,3 +234,20 @@ def test_whisper_passes_the_language_to_faster_whisper_for_long_audio(whisper_en
         monkeypatch.setattr(engine._model, "transcribe", transcribe)
         engine.draft(segments)
     assert seen == ["fr", None, "en", "en"]
+
+
+def test_a_refine_model_without_the_default_language_is_named_and_keeps_it_from_ready():
+    config = dataclasses.replace(gateway_config(), session=SessionConfig(language="fr"))
+    config = dataclasses.replace(
+        config, engine=dataclasses.replace(config.engine, refine_model="english-only")
+    )
+
+    class EnglishOnly(EnglishFrench):
+        languages = frozenset({"en"})
+
+    gateway = Gateway(config, EnglishFrench, EnglishOnly)
+    gateway._load()
+    assert gateway.scheduler is None and not gateway.ready
+    assert gateway.engine_error.startswith("cannot load refine model 'english-only': ")
+    assert "session.language = 'fr'" in gateway.engine_error
+    assert gateway.engine_error.endswith("languages: en")

@@ -151,7 +151,7 @@ def test_partial_queue_is_bounded(setup):
     sched.config = SchedulerConfig(max_partials=2)
     for key in "abc":
         sched.submit(Request("partial", key, seg(10), done))
-    assert sched.queue_lengths() == {"final": 0, "partial": 2}
+    assert sched.queue_lengths() == {"final": 0, "partial": 2, "refine": 0}
     assert done.by_status("dropped")[0].request.key == "a"
 
 
@@ -249,3 +249,232 @@ def test_partials_showing_a_segments_first_words_go_first():
         pass
     # the first-text partial anchors the batch; its bucket (<= 2 s) takes 17000, not 16000
     assert engine.calls == [("draft", [18000, 17000]), ("draft", [16000])]
+
+
+# --- the refine pass ----------------------------------------------------------------------------
+
+
+class RefineEngine(FakeEngine):
+    """The second model: its `transcribe` calls are recorded as "refine"."""
+
+    def transcribe(self, segments):
+        return self._answer("refine", segments)
+
+
+class GatedRefineEngine(RefineEngine):
+    """A refine engine whose calls wait until `gate` is set: a batch held running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def transcribe(self, segments):
+        hypotheses = super().transcribe(segments)
+        assert self.gate.wait(10)
+        return hypotheses
+
+
+def refine_setup(max_batch: int = 4, **config) -> tuple[FakeEngine, Scheduler, Collector]:
+    """A scheduler whose primary and refine engines record their calls in one list, in order."""
+    engine, refiner = FakeEngine(), RefineEngine()
+    refiner.calls = engine.calls
+    sched = Scheduler(
+        engine, SchedulerConfig(max_wait_ms=0, **config), max_batch=max_batch, refine_engine=refiner
+    )
+    return engine, sched, Collector()
+
+
+def refine(key, n: int, done, deadline: float | None = None) -> Request:
+    return Request("refine", key, seg(n), done, deadline=deadline)
+
+
+def test_refine_runs_only_when_finals_and_partials_are_empty():
+    engine, sched, done = refine_setup(max_batch=4)  # refine batches of 1
+    sched.submit(refine("a", 100, done))
+    sched.submit(refine("b", 101, done))
+    sched.submit(Request("partial", "c", seg(200), done))
+    sched.run_once()
+    sched.submit(Request("final", "d", seg(300), done))  # while refine requests wait
+    while sched.run_once():
+        pass
+    assert engine.calls == [
+        ("draft", [200]),
+        ("transcribe", [300]),
+        ("refine", [100]),
+        ("refine", [101]),
+    ]
+    refined = [o for o in done.outcomes if o.request.kind == "refine"]
+    assert [o.hypothesis.text for o in refined] == ["refine:100", "refine:101"]
+    assert all(o.status == "done" and o.batch_size == 1 for o in refined)
+
+
+def test_refine_batches_are_small_and_within_one_length_bucket():
+    engine, sched, done = refine_setup(max_batch=8)  # refine batches of at most 2
+    for i, s in enumerate((1.5, 7.0, 1.8, 1.2)):
+        sched.submit(refine(i, int(s * 16000), done))
+    while sched.run_once():
+        pass
+    assert engine.calls == [
+        ("refine", [24000, 28800]),
+        ("refine", [112000]),
+        ("refine", [19200]),
+    ]
+
+
+def test_a_final_arriving_during_a_refine_batch_goes_next_and_stop_drops_refines():
+    engine = FakeEngine()
+    refiner = GatedRefineEngine()
+    refiner.calls = engine.calls
+    sched = Scheduler(engine, SchedulerConfig(max_wait_ms=0), max_batch=4, refine_engine=refiner)
+    done = Collector()
+    sched.start()
+    try:
+        for i in range(3):
+            sched.submit(refine(i, 100 + i, done))
+        while not engine.calls:  # the first refine batch is running
+            time.sleep(0.001)
+        sched.submit(Request("final", 0, seg(500), done))
+        refiner.gate.set()
+        while not any(o.request.kind == "final" for o in done.outcomes):
+            time.sleep(0.005)
+    finally:
+        sched.stop(timeout=10)
+    assert engine.calls[:2] == [("refine", [100]), ("transcribe", [500])]
+    refined = [o for o in done.outcomes if o.request.kind == "refine"]
+    assert len(refined) == 3  # each computed or dropped, none forgotten
+    stopped = [o for o in refined if o.status == "dropped"]
+    assert all(o.reason == "stopping" for o in stopped)
+    assert sched.stats.refine_skipped == ({"stopping": len(stopped)} if stopped else {})
+    assert sched.stats.completed["refine"] == 3 - len(stopped)
+
+    sched.submit(refine("late", 10, done))  # after stop: answered at once
+    assert done.outcomes[-1].status == "dropped" and done.outcomes[-1].reason == "stopping"
+
+
+def test_a_full_refine_queue_answers_queue_full_at_once():
+    engine, sched, done = refine_setup(max_refine_queue=2)
+    for key in "abc":
+        sched.submit(refine(key, 10, done))
+    (full,) = done.outcomes  # before any batch ran
+    assert (full.request.key, full.status, full.reason) == ("c", "dropped", "queue_full")
+    assert sched.queue_lengths() == {"final": 0, "partial": 0, "refine": 2}
+    while sched.run_once():
+        pass
+    assert engine.calls == [("refine", [10]), ("refine", [10])]
+    assert sched.stats.refine_skipped == {"queue_full": 1}
+    assert sched.stats.dropped == {}  # partials' counter untouched
+
+
+def test_refine_past_its_deadline_is_never_computed():
+    engine, sched, done = refine_setup()
+    sched.submit(refine("past", 10, done, deadline=time.monotonic() - 1))
+    assert [(o.request.key, o.reason) for o in done.outcomes] == [("past", "deadline")]
+    sched.submit(refine("soon", 20, done, deadline=time.monotonic() + 0.01))
+    sched.submit(refine("open", 30, done))  # no deadline: never expires
+    time.sleep(0.02)
+    while sched.run_once():
+        pass
+    assert engine.calls == [("refine", [30])]
+    assert [(o.request.key, o.status) for o in done.outcomes[1:]] == [
+        ("soon", "dropped"),
+        ("open", "done"),
+    ]
+    assert done.outcomes[1].reason == "deadline"
+    assert sched.stats.refine_skipped == {"deadline": 2}
+
+
+def test_a_failing_refine_engine_fails_only_refine_requests():
+    engine, sched, done = refine_setup(max_batch=8)
+    sched.refine_engine.fail_on = {666}
+    sched.submit(refine("a", 666, done))
+    sched.submit(refine("b", 667, done))
+    sched.submit(Request("final", "a", seg(666), done))  # same audio, primary engine
+    while sched.run_once():
+        pass
+    sched.submit(Request("partial", "c", seg(50), done))
+    sched.run_once()
+    assert engine.calls == [
+        ("transcribe", [666]),
+        ("refine", [666, 667]),
+        ("draft", [50]),
+    ]
+    failed = done.by_status("failed")
+    assert [o.request.key for o in failed] == ["a", "b"]
+    assert all(o.request.kind == "refine" and "RuntimeError: boom" in o.reason for o in failed)
+    assert sorted(o.hypothesis.text for o in done.by_status("done")) == [
+        "draft:50",
+        "transcribe:666",
+    ]
+    assert (sched.stats.refine_failed, sched.stats.failed) == (2, 2)
+    assert sched.stats.completed == {"partial": 1, "final": 1, "refine": 0}
+
+
+def test_cancel_drops_refine_requests_of_the_key():
+    engine, sched, done = refine_setup()
+    sched.submit(Request("partial", "a", seg(10), done))
+    sched.submit(refine("a", 11, done))
+    sched.submit(refine("a", 12, done))
+    sched.submit(refine("b", 13, done))
+    sched.cancel("a")
+    assert [(o.request.kind, o.reason) for o in done.outcomes] == [
+        ("partial", "cancelled"),
+        ("refine", "cancelled"),
+        ("refine", "cancelled"),
+    ]
+    while sched.run_once():
+        pass
+    assert engine.calls == [("refine", [13])]
+    assert sched.stats.refine_skipped == {"cancelled": 2}
+    assert sched.stats.dropped == {"cancelled": 1}
+
+
+def test_refines_and_partials_or_finals_of_one_key_never_supersede_each_other():
+    engine, sched, done = refine_setup()
+    sched.submit(Request("partial", "a", seg(10), done))
+    sched.submit(refine("a", 20, done))  # the partial stays queued
+    assert sched.queue_lengths() == {"final": 0, "partial": 1, "refine": 1}
+    sched.submit(Request("final", "a", seg(30), done))  # drops the partial, not the refine
+    sched.submit(refine("a", 40, done))  # a second refine of the key: both stay
+    assert sched.queue_lengths() == {"final": 1, "partial": 0, "refine": 2}
+    while sched.run_once():
+        pass
+    assert engine.calls == [("transcribe", [30]), ("refine", [20]), ("refine", [40])]
+    assert [o.reason for o in done.by_status("dropped")] == ["final"]
+    assert sched.stats.refine_skipped == {}
+
+
+def test_refine_stats_reach_the_metrics():
+    from streaming.ops.metrics import Metrics
+
+    engine, sched, done = refine_setup(max_refine_queue=1)
+    metrics = Metrics()
+    metrics.watch(sched)
+    sched.submit(refine("a", 10, done))
+    sched.submit(refine("b", 10, done))  # queue full
+    sched.submit(refine("c", 10, done, deadline=time.monotonic() - 1))
+    sched.submit(Request("final", "a", seg(10), done))
+    while sched.run_once():
+        pass
+    stats = sched.stats
+    assert stats.batches == {"partial": 0, "final": 1, "refine": 1}
+    assert stats.completed == {"partial": 0, "final": 1, "refine": 1}
+    assert stats.refine_skipped == {"deadline": 1, "queue_full": 1}
+    body = metrics.render().decode()
+    for line in (
+        'streamscribe_batches_total{kind="refine"} 1.0',
+        'streamscribe_engine_requests_total{kind="refine"} 1.0',
+        'streamscribe_refine_skipped_total{reason="queue_full"} 1.0',
+        'streamscribe_refine_skipped_total{reason="deadline"} 1.0',
+        'streamscribe_batches_total{kind="final"} 1.0',
+    ):
+        assert line in body.splitlines(), line
+    assert "streamscribe_partials_dropped_total{" not in body
+
+
+def test_refine_request_without_refine_engine_is_an_error(setup):
+    engine, sched, done = setup
+    assert sched.refine_engine is None
+    with pytest.raises(ValueError, match="refine_engine"):
+        sched.submit(refine("a", 10, done))
+    assert done.outcomes == [] and sched.queue_lengths()["refine"] == 0
+    assert not sched.run_once() and engine.calls == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -410,3 +411,16 @@ def test_weights_are_reported_where_they_are(cuda, tmp_path, monkeypatch):
     )  # fmt: skip
     assert rows["granite-ar"]["weights_present"] is False
     assert rows["granite-ar"]["weights"] == "downloaded from the hub on first use: org/elsewhere"
+
+
+def test_engine_section_keywords_load_the_primary_and_the_refine_model(cuda):
+    """load_engine takes EngineConfig.load_keywords as they are, for either model."""
+    from streaming.ops.config import EngineConfig
+
+    cuda(False)
+    engine_cfg = EngineConfig(model="noop", refine_model="noop:5", device="cpu")
+    primary = selection.load_engine(**engine_cfg.load_keywords())
+    refine = selection.load_engine(**engine_cfg.load_keywords(engine_cfg.refine))
+    assert (primary.delay_ms, refine.delay_ms) == (0.0, 5.0)
+    with pytest.raises(TypeError, match="refine_model"):  # why the section is not passed whole
+        selection.load_engine(**dataclasses.asdict(engine_cfg))

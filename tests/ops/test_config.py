@@ -240,3 +240,20 @@ def test_session_options_override_validates_like_the_file():
         override_section("session", base, {"hangover": 3}, "session.start")
     with pytest.raises(ConfigError, match="channels"):
         override_section("session", base, {"channels": 3}, "session.start")
+
+
+@pytest.mark.parametrize(
+    ("value", "refine"), [("none", None), ("None", None), ("", None), ("whisper", "whisper")]
+)
+def test_refine_model_none_or_empty_means_no_refine_model(value, refine):
+    engine = load_config(env={"STREAMSCRIBE_ENGINE__REFINE_MODEL": value}).engine
+    assert engine.refine == refine
+
+
+def test_load_keywords_are_the_engine_section_without_refine_model():
+    engine = EngineConfig(model="granite-nar", device="cpu", dtype="float32", refine_model="base")
+    primary = engine.load_keywords()
+    assert "refine_model" not in primary
+    assert primary == {k: v for k, v in dataclasses.asdict(engine).items() if k != "refine_model"}
+    # The refine model loads with the primary's device, dtype and sources: only `model` differs.
+    assert engine.load_keywords(engine.refine) == {**primary, "model": "base"}

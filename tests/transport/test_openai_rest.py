@@ -4,6 +4,7 @@ streaming, audio formats, errors, batching through the scheduler, and the real C
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import io
 import re
@@ -434,3 +435,98 @@ def test_language_reaches_the_engine_and_one_it_lacks_is_a_400(wav):
     assert "'fr'" in error["message"] and error["message"].endswith("languages: en")
     assert accepted.language == "en-US"
     assert engine.seen == ["en", "en"]  # the form's tag as a primary subtag, then the default
+
+
+# --- with a refine (accuracy pass) model --------------------------------------------------------
+
+
+class RefineEngine:
+    """A refine model whose text differs from the primary's; can fail, or hold its first batch
+    until `release` is set."""
+
+    family, device = "refine-fake", "cpu"
+    text = "the refined text"
+
+    def __init__(self, fail: bool = False, languages: frozenset[str] | None = None) -> None:
+        self.fail = fail
+        self.languages = languages
+        self.release = threading.Event()
+        self.release.set()
+        self.calls = 0
+
+    def draft(self, segments):
+        raise AssertionError("a refine model only ever transcribes")
+
+    def transcribe(self, segments):
+        self.calls += 1
+        self.release.wait(30)
+        if self.fail:
+            raise RuntimeError("refine exploded")
+        return [Hypothesis(self.text, confidence=0.9) for _ in segments]
+
+
+def serve_refined(fn, refine: RefineEngine, engine=None, **scheduler):
+    """`serve` with a refine model loaded next to the primary (EchoEngine by default)."""
+    base = gateway_config(http_port=0)
+    config = dataclasses.replace(
+        base,
+        engine=dataclasses.replace(base.engine, refine_model="refine-fake"),
+        scheduler=dataclasses.replace(base.scheduler, **scheduler),
+    )
+
+    async def main():
+        async with running(config, engine or EchoEngine(), refine_engine=refine) as gw:
+            return await asyncio.to_thread(fn, gw)
+
+    return asyncio.run(main())
+
+
+def test_a_loaded_refine_model_gives_the_files_text(wav):
+    primary, refine = EchoEngine(), RefineEngine(languages=frozenset({"en"}))
+
+    def run(gw):
+        assert gw.scheduler.refine_engine is refine
+        plain = transcribe(gw, wav, response_format="text")
+        verbose = transcribe(gw, wav, response_format="verbose_json", language="en")
+        calls = primary.calls
+        french = transcribe(gw, wav, language="fr")  # not the refine model's: the primary's
+        return plain, verbose, calls, french
+
+    plain, verbose, calls, french = serve_refined(run, refine, primary)
+    assert plain == "the refined text\n" and verbose.text == "the refined text"
+    assert [segment.text for segment in verbose.segments] == ["the refined text"]
+    assert calls == 0 and refine.calls == 2  # the primary model never saw those two files
+    assert french.text.startswith("w0 w1") and primary.calls == 1
+
+
+def test_a_failed_refine_falls_back_to_the_primary_model(wav):
+    primary, refine = EchoEngine(), RefineEngine(fail=True)
+    text = serve_refined(lambda gw: transcribe(gw, wav).text, refine, primary)
+    assert text.startswith("w0 w1") and (refine.calls, primary.calls) == (1, 1)
+
+
+def test_a_full_refine_queue_falls_back_to_the_primary_model(wav):
+    """The worker is held in a refine batch and the refine queue (1 place) is full: the file is
+    skipped by the refine pass (queue_full) and transcribed as a final once the worker is free."""
+    primary, refine = EchoEngine(), RefineEngine()
+    refine.release.clear()
+
+    def run(gw):
+        from engine.api import Segment
+        from engine.scheduler import Request
+
+        scheduler = gw.scheduler
+        for key in ("running", "queued"):
+            segment = Segment(np.zeros(RATE, dtype=np.float32))
+            scheduler.submit(Request("refine", key, segment, lambda outcome: None))
+            while key == "running" and refine.calls == 0:  # the worker took it: now held
+                threading.Event().wait(0.01)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(transcribe, gw, wav)
+            while scheduler.stats.refine_skipped.get("queue_full", 0) == 0:
+                threading.Event().wait(0.01)
+            refine.release.set()
+            return answer.result().text
+
+    text = serve_refined(run, refine, primary, max_refine_queue=1)
+    assert text.startswith("w0 w1") and primary.calls == 1
