@@ -19,7 +19,10 @@ from when the audio was spoken, so they include up to one frame of capture delay
   (last 10 ms above -35 dBFS), and its growth over the run (`lag_growth_ms`);
 - partial stability (`StabilityStats`), partials dropped by the server (/metrics deltas), lag
   (`status` messages and `streamscribe_lag_seconds` polled every second), finals received for
-  every utterance played, and server CPU seconds per stream per second of audio.
+  every utterance played, and server CPU seconds per stream per second of audio;
+- with `--refine-model M` (the server's accuracy pass; streams keep the default refine
+  settings: async), refine latency: arrival of `transcript.refined` minus arrival of its final,
+  and the counts refined (with `changed`) and skipped by reason.
 
 Targets depend on the engine (`target_profile`, `--targets`): Whisper on the CPU has its own,
 for 1 stream and for more; the noop engine and GPU engines are held to the gateway's.
@@ -30,6 +33,7 @@ much CPU other processes took, so a run disturbed by either can be told apart an
     python -m benchmarks.stream_load --model noop --streams 100 --seconds 30
     python -m benchmarks.stream_load --model whisper --streams 1,2,4
     python -m benchmarks.stream_load --model whisper --ramp --streams 1   # 1, 2, 4, ...
+    python -m benchmarks.stream_load --model whisper --refine-model base --streams 1,4
     python -m benchmarks.stream_load --url ws://127.0.0.1:8765 --streams 8   # a running server
 """
 
@@ -336,6 +340,10 @@ class StreamMeasures:
     segments: list[tuple[list[tuple[str, str]], str]] = field(default_factory=list)
     partials: int = 0
     status_lag_ms: list[float] = field(default_factory=list)
+    refine_ms: list[float] = field(default_factory=list)  # final's arrival -> refined's arrival
+    refined: int = 0
+    refine_changed: int = 0
+    refine_skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     closed: bool = False
 
 
@@ -371,6 +379,15 @@ def measure_stream(plan: StreamPlan, record: StreamRecord) -> StreamMeasures:
             out.partial_delay_ms.append(1000 * (arrival - spoken))
         elif kind == "transcript.final":
             finals[key] = (arrival, message)
+        elif kind == "transcript.refined":
+            if key in finals:
+                out.refine_ms.append(1000 * (arrival - finals[key][0]))
+            if message.get("skipped"):
+                reason = message.get("reason", "")
+                out.refine_skipped[reason] = out.refine_skipped.get(reason, 0) + 1
+            else:
+                out.refined += 1
+                out.refine_changed += bool(message.get("changed"))
         elif kind == "status":
             out.status_lag_ms.append(message["lag_ms"])
         elif kind == "session.closed":
@@ -466,7 +483,9 @@ class ServerProcess:
 
 
 @contextlib.asynccontextmanager
-async def spawned_server(model: str, config: str | None) -> AsyncIterator[ServerProcess]:
+async def spawned_server(
+    model: str, config: str | None, refine_model: str | None = None
+) -> AsyncIterator[ServerProcess]:
     """`python -m streaming serve` on a free loopback port, ready (model loaded) on entry and
     drained with SIGTERM on exit. Its log goes to a file, named on stderr."""
     fd, name = tempfile.mkstemp(prefix="stream_load-server-", suffix=".log")
@@ -474,6 +493,7 @@ async def spawned_server(model: str, config: str | None) -> AsyncIterator[Server
     command = [sys.executable, "-m", "streaming", "--log-level", "info"]
     command += ["--config", config] if config else []
     command += ["serve", "--host", "127.0.0.1", "--port", "0", "--model", model]
+    command += ["--refine-model", refine_model] if refine_model else []
     # JSON logs to find the port; the REST endpoint on a free port, not its fixed default one
     # (so the benchmark runs beside a developer's server)
     env = {
@@ -700,6 +720,11 @@ def level_figures(
         total.final_change += m.final_change
         total.partial_delay_ms += m.partial_delay_ms
         total.status_lag_ms += m.status_lag_ms
+        total.refine_ms += m.refine_ms
+        total.refined += m.refined
+        total.refine_changed += m.refine_changed
+        for reason, count in m.refine_skipped.items():
+            total.refine_skipped[reason] = total.refine_skipped.get(reason, 0) + count
         for stage, values in m.split_ms.items():
             total.split_ms[stage] += values
         for partials, final in m.segments:
@@ -776,6 +801,12 @@ def level_figures(
         **{f"{stage}_ms": summary(v) for stage, v in total.split_ms.items()},
         "partials": total.partials,
         "partial_delay_ms": summary(total.partial_delay_ms),
+        "refine": {
+            "latency_ms": summary(total.refine_ms),
+            "refined": total.refined,
+            "changed": total.refine_changed,
+            "skipped": dict(sorted(total.refine_skipped.items())),
+        },
         "partials_dropped": dropped,
         "change_rate": round(stability.change_rate, 4),
         "stable_change_rate": round(stability.stable_change_rate, 4),
@@ -892,6 +923,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="audio per stream")
     parser.add_argument("--frame-ms", type=int, default=100, help="audio per WebSocket frame")
     parser.add_argument("--url", help="use this running server (ws://host:port) instead")
+    parser.add_argument(
+        "--refine-model",
+        metavar="M",
+        help="the started server's refine model (its --refine-model); streams refine async",
+    )
     parser.add_argument("--config", metavar="FILE", help="YAML settings for the started server")
     parser.add_argument(
         "--captions",
@@ -945,7 +981,9 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
             server = ServerProcess(None, endpoints(args.url))
             await _until_ready(server.server, None, None)
         else:
-            server = await stack.enter_async_context(spawned_server(args.model, args.config))
+            server = await stack.enter_async_context(
+                spawned_server(args.model, args.config, args.refine_model)
+            )
         engine = engine_targets(args.targets, server.family or args.model)
         if args.captions != "off":
             stream = f"{server.server.stream}?captions_mode={args.captions}"
@@ -974,6 +1012,7 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
     }
     settings = {
         "model": args.model,
+        "refine_model": args.refine_model,
         "url": args.url,
         "config": args.config,
         "streams": [f["streams"] for f in levels],
@@ -1021,6 +1060,7 @@ def report(f: dict, model: str, frame_ms: int) -> str:
         return f"target {t['limit']}: {ok}"
 
     growth = "n/a" if f["lag_growth_ms"] is None else f"{f['lag_growth_ms']:+.0f} ms"
+    refine = f["refine"]
     lines = [
         f"== {f['streams']} streams x {f['audio_s'] / max(1, f['streams']):.0f} s "
         f"({model}, {frame_ms} ms frames, hangover {f['hangover_ms']:g} ms; "
@@ -1046,6 +1086,15 @@ def report(f: dict, model: str, frame_ms: int) -> str:
         f"lag             {f['status_messages']} status messages (max {f['status_lag_max_ms']} ms);"
         f" /metrics lag max {f['lag_s']['max']:.2f} s, queued audio max "
         f"{f['queued_audio_max_s']:.1f} s; batch size mean {f['batch_size_mean']}",
+        *(
+            [
+                f"{row('refine', refine['latency_ms'])}  (final's arrival to its refined)",
+                f"refined         {refine['refined']} ({refine['changed']} changed), skipped: "
+                + (", ".join(f"{n} {why}" for why, n in refine["skipped"].items()) or "none"),
+            ]
+            if refine["refined"] or refine["skipped"]
+            else []
+        ),
         f"caption delay   p95 cue {f['caption_delay_p95_s']['cue']} s, append "
         f"{f['caption_delay_p95_s']['append']} s (bucket bounds)  {verdict('caption_delay_p95_s')}",
     ]

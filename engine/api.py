@@ -55,6 +55,10 @@ class Segment:
     `primary_language`), one of the engine's `languages`; None leaves it to the model (its
     default, or detection). A family that can be told the language decodes in it, so speech
     is not written out as the language the model guessed.
+
+    `translate_to`: a target language (primary subtag, one of the engine's `translations`)
+    to write the speech out in instead of transcribing it; None transcribes. The hypothesis
+    is then the translation, its word times only spread over the audio.
     """
 
     audio: np.ndarray
@@ -62,6 +66,7 @@ class Segment:
     hotwords: tuple[str, ...] = ()
     prefix: tuple[Word, ...] = ()
     language: str | None = None
+    translate_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class Engine(Protocol):
     `languages`: the primary subtags of the languages the model transcribes, so a session
     can refuse one it would only turn into wrong text; None means any language a caller names
     (a model without language, such as noop).
+
+    An engine that translates also has `translations`: the primary subtags of the languages
+    it translates into (`Segment.translate_to`); see `engine_translations`.
     """
 
     family: str
@@ -115,6 +123,12 @@ class Engine(Protocol):
 def engine_languages(engine: Engine) -> frozenset[str] | None:
     """The engine's `languages`; None (any) for an engine that does not declare them."""
     return getattr(engine, "languages", None)
+
+
+def engine_translations(engine: Engine) -> frozenset[str]:
+    """The engine's `translations`; none for an engine that does not declare them (only
+    transcribes)."""
+    return getattr(engine, "translations", frozenset())
 
 
 def primary_language(code: str) -> str:

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from engine.api import Engine, ModelLoadError, engine_languages
+from engine.api import Engine, ModelLoadError, engine_languages, engine_translations
 from engine.scheduler import Scheduler
 from streaming.core.captions import CaptionStore, to_srt, to_vtt
 from streaming.core.close_codes import CLOSE_INTERNAL
@@ -31,7 +31,7 @@ from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
 from streaming.ops import admission
-from streaming.ops.config import Config, check_language
+from streaming.ops.config import Config, check_language, check_translation
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
 from streaming.transport.calls import CallHub, call_events_id
@@ -151,6 +151,11 @@ class Gateway:
                     raise ModelLoadError(
                         f"cannot load refine model {name!r}: {_load_failure(err)}"
                     ) from err
+            check_translation(
+                self.config.session.translate_to,
+                None if refine is None else engine_translations(refine),
+                "session.translate_to",
+            )
         except Exception as err:  # reported by /readyz; `run` stops the process with the reason
             self.engine_error = _load_failure(err)
             log.info("engine failed to load", extra={"error": self.engine_error})

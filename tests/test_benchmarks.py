@@ -490,3 +490,76 @@ def test_partial_cost_measures_windowed_and_whole_segment_partials(monkeypatch, 
     assert "machine_busy_cores" in record["figures"]
     out = capsys.readouterr().out
     assert "window_1000ms" in out and "whole_segment" in out and "decodes" in out
+
+
+# --- refine WER --------------------------------------------------------------------------------
+
+
+class RoleEngine:
+    """Answers every segment with one text, and keeps what it was given."""
+
+    device = "cpu"
+
+    def __init__(self, family: str, text: str) -> None:
+        self.family, self.text = family, text
+        self.seen: list[tuple[float, int, str | None]] = []
+
+    def transcribe(self, segments):
+        self.seen += [(len(s.audio) / s.sample_rate, s.sample_rate, s.language) for s in segments]
+        return [Hypothesis(text=self.text) for _ in segments]
+
+
+def test_refine_wer_scores_both_models_on_the_same_segments(tmp_path, monkeypatch, capsys):
+    """cards/001 ("ten of clubs") at 16 kHz and 8 kHz mu-law: the primary answers it right,
+    the refine model gets one word of three wrong."""
+    from benchmarks import refine_wer
+
+    try:
+        manifests.cards()
+    except ManifestError as exc:
+        pytest.skip(str(exc))
+    for var in [v for v in os.environ if v.startswith("STREAMSCRIBE_")]:
+        monkeypatch.delenv(var)
+    engines = {
+        "tiny": RoleEngine("whisper", "Ten of clubs."),
+        "base": RoleEngine("x", "ten of cubs"),
+    }
+    loaded: list[str] = []
+
+    def load_engine(**kwargs):
+        loaded.append(kwargs["model"])
+        return engines["base" if kwargs["model"] == "base" else "tiny"]
+
+    monkeypatch.setattr(refine_wer.selection, "load_engine", load_engine)
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path / "results")
+    assert refine_wer.main(["--only", "cards/001", "--workdir", str(tmp_path / "work")]) == 0
+    out = capsys.readouterr().out
+
+    assert loaded == ["auto", "base"]
+    (written,) = (tmp_path / "results").iterdir()
+    record = json.loads(written.read_text())
+    assert record["benchmark"] == "refine_wer" and record["commit"]
+    assert record["settings"]["refine"] == "base" and record["settings"]["language"] == "en"
+    assert record["settings"]["lines"] == ["16k", "mulaw8k"]
+    for line in ("16k", "mulaw8k"):
+        block = record["figures"][line]
+        assert block["recordings"] == 1 and block["segments"] >= 1
+        assert block["primary"]["wer"] == {"cards": 0.0, "all": 0.0}
+        assert block["refine"]["wer"]["all"] == pytest.approx(1 / 3, abs=1e-4)
+        assert block["refine_minus_primary"]["all"] == pytest.approx(1 / 3, abs=1e-4)
+        assert block["segments_changed"] == block["segments"]
+    assert set(record["figures"]["load"]) >= {"other_cpu_cores", "loadavg_1m", "wall_s"}
+    # both models got the same segments, at 16 kHz (the mu-law copy resampled), in English;
+    # the first of each is the warm-up
+    assert engines["tiny"].seen == engines["base"].seen
+    assert {(rate, language) for _, rate, language in engines["tiny"].seen} == {(16000, "en")}
+    assert "refine - primary: +33.33 WER points over all (primary lower)" in out
+    assert (tmp_path / "work" / "mulaw8k" / "cards_001.wav").is_file()
+
+
+def test_refine_wer_needs_a_refine_model(monkeypatch, capsys):
+    from benchmarks import refine_wer
+
+    assert refine_wer.main(["--refine-model", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks.refine_wer: error: --refine-model") and "Traceback" not in err

@@ -377,3 +377,33 @@ def test_histogram_p95_from_bucket_deltas():
     assert histogram_p95(before, after, name, "cue") == 3.0  # 95 of 100 new ones by 3 s
     assert histogram_p95(before, before, name, "cue") is None
     assert histogram_p95(before, after, name, "append") is None
+
+
+def test_refine_latency_is_from_the_final_to_its_refined_message():
+    plan = StreamPlan(frames=[], utterances=[Utterance(0, 200, 1500, 2300)])
+
+    def refined(seg: int, **fields) -> dict:
+        return {"type": "transcript.refined", "channel": 0, "segment_id": seg, **fields}
+
+    messages = [
+        (102.0, _final(0, 0, 2300, [("he", 200, 700), ("was", 800, 1500)])),
+        (102.4, _final(1, 5000, 7000, [("so", 5100, 6900)])),
+        (102.9, refined(0, text="He was.", changed=False)),
+        (103.0, refined(1, text="So.", changed=True)),
+        (104.0, _final(2, 8000, 9000, [("it", 8100, 8900)])),
+        (107.0, refined(2, text="it", changed=False, skipped=True, reason="deadline")),
+    ]
+    m = measure_stream(plan, StreamRecord(t0=100.0, messages=messages))
+    assert m.refine_ms == pytest.approx([900.0, 600.0, 3000.0])
+    assert (m.refined, m.refine_changed, m.refine_skipped) == (2, 1, {"deadline": 1})
+    assert m.finals == 3  # refined messages are not finals
+
+    run = LevelRun([StreamRecord(t0=100.0, messages=messages)], wall_s=10.0)
+    refine = level_figures([plan], run, 100, False, "whisper")["refine"]
+    assert refine["latency_ms"]["n"] == 3 and refine["latency_ms"]["p50"] == 900.0
+    assert (refine["refined"], refine["changed"], refine["skipped"]) == (2, 1, {"deadline": 1})
+
+
+def test_the_refine_model_is_passed_to_the_started_server():
+    assert stream_load.parse_args(["--refine-model", "base"]).refine_model == "base"
+    assert stream_load.parse_args([]).refine_model is None

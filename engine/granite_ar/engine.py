@@ -44,7 +44,15 @@ from .checkpoint import (
     read_config,
 )
 from .generation import BudgetStop, ChosenTokenProbs, LoopStop, token_budget
-from .prompt import ASR_LANGUAGES, END_OF_TEXT, Task, instruction, parse_task, render_prompt
+from .prompt import (
+    ASR_LANGUAGES,
+    END_OF_TEXT,
+    TRANSLATION_TARGETS,
+    Task,
+    instruction,
+    parse_task,
+    render_prompt,
+)
 from .text import join_windows, loop_end, spread_times
 
 log = logging.getLogger("engine.granite_ar")
@@ -70,11 +78,13 @@ class WindowText:
 
 
 class GraniteArEngine:
-    """`languages`: the six it transcribes (prompt.ASR_LANGUAGES). A segment's `language` is
-    not in the prompt yet: the task chosen at load time (plain ASR by default) is used."""
+    """`languages`: the six it transcribes (prompt.ASR_LANGUAGES); `translations`: the targets
+    it translates into (prompt.TRANSLATION_TARGETS). The prompt is chosen per segment (see
+    `task_for`), so one batch may mix languages and translations."""
 
     family = FAMILY
     languages = frozenset(ASR_LANGUAGES)
+    translations = frozenset(TRANSLATION_TARGETS)
 
     def __init__(
         self,
@@ -114,9 +124,24 @@ class GraniteArEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def prompt_ids(self, hotwords: Sequence[str], n_audio: int) -> list[int]:
+    def task_for(self, segment: Segment) -> Task:
+        """What the model is asked to do with `segment`: translate it when it says so;
+        else transcribe it in its `language`, which the model then writes out instead of the
+        one it would guess. Without either, the task chosen at load time (a load-time
+        translation stays one: the spoken language is not part of that prompt)."""
+        if segment.translate_to is not None:
+            return Task("translate", _lookup(TRANSLATION_TARGETS, segment.translate_to))
+        if segment.language is not None and self.task.kind == "transcribe":
+            return Task("transcribe", _lookup(ASR_LANGUAGES, segment.language))
+        return self.task
+
+    def instruction(self, segment: Segment) -> str:
+        """The user instruction for `segment`: its task and hotwords."""
+        return instruction(self.task_for(segment), segment.hotwords)
+
+    def prompt_ids(self, user_instruction: str, n_audio: int) -> list[int]:
         """Token ids of the full prompt, with `<|audio|>` repeated once per audio embedding."""
-        text = render_prompt(instruction(self.task, hotwords))
+        text = render_prompt(user_instruction)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         at = ids.index(self.config.audio_token_id)
         return ids[:at] + [self.config.audio_token_id] * n_audio + ids[at + 1 :]
@@ -126,12 +151,13 @@ class GraniteArEngine:
         waves = [prepare_waveform(s.audio, s.sample_rate) for s in segments]
         plans = [self._plan(wave) for wave in waves]
         pieces = [(index, a, b) for index, plan in enumerate(plans) for a, b in plan]
+        instructions = [self.instruction(s) for s in segments]
         texts: dict[tuple[int, int, int], WindowText] = {}
         order = sorted(pieces, key=lambda p: p[2] - p[1])
         for start in range(0, len(order), self.max_batch):
             batch = order[start : start + self.max_batch]
             outputs = self.generate(
-                [waves[i][a:b] for i, a, b in batch], [segments[i].hotwords for i, _, _ in batch]
+                [waves[i][a:b] for i, a, b in batch], [instructions[i] for i, _, _ in batch]
             )
             texts.update(zip(batch, outputs, strict=True))
         hypotheses = []
@@ -157,15 +183,15 @@ class GraniteArEngine:
         return encoded, int(frames[0])
 
     def batch_inputs(
-        self, waves: Sequence[np.ndarray], hotwords: Sequence[Sequence[str]]
+        self, waves: Sequence[np.ndarray], instructions: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids, their embeddings with the audio rows in place, and the
-        attention mask, ready for `generate`."""
+        """Left-padded prompt ids (one user instruction per clip), their embeddings with the
+        audio rows in place, and the attention mask, ready for `generate`."""
         model, audio_id = self.model, self.config.audio_token_id
         audio, frames = zip(*(self.audio_embeddings(wave) for wave in waves), strict=True)
         prompts = [
-            self.prompt_ids(words, audio_token_count(n, self.config))
-            for n, words in zip(frames, hotwords, strict=True)
+            self.prompt_ids(text, audio_token_count(n, self.config))
+            for n, text in zip(frames, instructions, strict=True)
         ]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
@@ -181,10 +207,11 @@ class GraniteArEngine:
 
     @torch.inference_mode()
     def generate(
-        self, waves: Sequence[np.ndarray], hotwords: Sequence[Sequence[str]]
+        self, waves: Sequence[np.ndarray], instructions: Sequence[str]
     ) -> list[WindowText]:
-        """Greedy decoding of one batch of clips (at most 30 s each), one result per clip."""
-        ids, embeds, mask = self.batch_inputs(waves, hotwords)
+        """Greedy decoding of one batch of clips (at most 30 s each), each with its own user
+        instruction (`instruction`), one result per clip."""
+        ids, embeds, mask = self.batch_inputs(waves, instructions)
         width = ids.shape[1]
         limit = self.config.max_positions - width
         budgets = [token_budget(w.size / TARGET_SAMPLE_RATE, limit) for w in waves]
@@ -263,6 +290,17 @@ class GraniteArEngine:
             confidence=confidence,
             duration_ms=n_samples * 1000 // TARGET_SAMPLE_RATE,
         )
+
+
+def _lookup(table: dict[str, str], code: str) -> str:
+    """The model's name of a language code; a code it lacks is refused rather than left out of
+    the prompt, where the model would silently pick a language of its own."""
+    try:
+        return table[code]
+    except KeyError:
+        raise ValueError(
+            f"granite-ar cannot be asked for language {code!r}: use one of {', '.join(table)}"
+        ) from None
 
 
 def load_engine(

@@ -88,6 +88,22 @@ class RefinedTranscript:
 
 
 @dataclass(frozen=True)
+class TranslatedTranscript:
+    """The refine model's translation of a segment whose final went out (`translate_to`):
+    `language` is the target. `skipped`: the translation did not run (`reason`: queue_full,
+    deadline, or the error) and `text` is empty."""
+
+    channel: int
+    segment_id: int
+    start_ms: int
+    end_ms: int
+    language: str
+    text: str
+    skipped: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Status:
     lag_ms: int
     queued_audio_ms: int
@@ -144,6 +160,7 @@ Event = (
     | PartialTranscript
     | FinalTranscript
     | RefinedTranscript
+    | TranslatedTranscript
     | Status
     | ErrorEvent
     | SessionClosed
@@ -155,7 +172,8 @@ Event = (
 @dataclass(frozen=True, eq=False)
 class EngineRequest:
     """Ask the scheduler for a `draft` (partial) or `transcribe` (final) of one segment, or for
-    the refine model's `transcribe` of a final's audio (refine)."""
+    the refine model's `transcribe` of a final's audio (refine; a translation of it when
+    `translate_to` is set)."""
 
     kind: str  # "partial" | "final" | "refine"
     channel: int
@@ -167,3 +185,4 @@ class EngineRequest:
     first_text: bool = False  # a partial of a segment that has shown no words yet
     language: str | None = None  # Segment.language: a primary subtag, or None for the model's
     deadline_ms: int | None = None  # refine: no use this long after it is asked for
+    translate_to: str | None = None  # refine: Segment.translate_to, the target language

@@ -83,6 +83,11 @@ def no_backlog() -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def refine_key(request: EngineRequest) -> tuple[int, int, str | None]:
+    """Which refine-model work `request` is: a segment's refine, or its translation."""
+    return request.channel, request.segment_id, request.translate_to
+
+
 class StreamProtocol:
     """One stream, from the handshake's query to its close decision."""
 
@@ -98,10 +103,12 @@ class StreamProtocol:
         backlog: Callable[[], tuple[float, float]] = no_backlog,
         observer: Observer | None = None,
         refine_model: bool = False,
+        translations: frozenset[str] = frozenset(),
     ) -> None:
         """`languages`: what the engine transcribes (None: any); `backlog`: the scheduler's
         (lag ms, queued audio ms), looked at once a second for `status`; `refine_model`: a
-        refine model is loaded (finals may be refined)."""
+        refine model is loaded (finals may be refined); `translations`: what it translates
+        into (a session's `translate_to`)."""
         self.id = session_id
         self.dialect = dialect
         self.query = query
@@ -118,9 +125,11 @@ class StreamProtocol:
         self.drain_at: float | None = None
         self.last_status = float("-inf")
         self.refine_model = refine_model
-        # refine requests in flight by (channel, segment): when each stops being worth waiting
-        # for; past it the session is told, so a held final never waits on a busy engine
-        self.refine_due: dict[tuple[int, int], tuple[float, EngineRequest]] = {}
+        self.translations = translations if refine_model else None  # None: none can be asked
+        # refine requests in flight by (channel, segment, translation target): when each stops
+        # being worth waiting for; past it the session is told, so a held final never waits on
+        # a busy engine (a segment's refine and translation are timed apart)
+        self.refine_due: dict[tuple[int, int, str | None], tuple[float, EngineRequest]] = {}
         self.now = now
         self._send: list[str | bytes] = []
         self._submit: list[EngineRequest] = []
@@ -159,7 +168,11 @@ class StreamProtocol:
             return self._take()
         try:
             options = session_options(
-                self.config.session, opening.options, "query string", self.languages
+                self.config.session,
+                opening.options,
+                "query string",
+                self.languages,
+                self.translations,
             )
             self.session = self._new_session(options)
         except (ConfigError, ValueError) as err:
@@ -198,7 +211,7 @@ class StreamProtocol:
         if self.session is None or self.failed:
             return NOTHING
         if request.kind == "refine":
-            self.refine_due.pop((request.channel, request.segment_id), None)
+            self.refine_due.pop(refine_key(request), None)
         self._out(
             self.session.on_result(
                 request,
@@ -313,7 +326,11 @@ class StreamProtocol:
         previous = self.session
         try:
             options = session_options(
-                previous.options, command.options, "session.start", self.languages
+                previous.options,
+                command.options,
+                "session.start",
+                self.languages,
+                self.translations,
             )
             self.session = self._new_session(options)
         except (ConfigError, ValueError) as err:  # ValueError: options that clash
@@ -327,7 +344,11 @@ class StreamProtocol:
         session = self.session
         try:
             options = session_options(
-                session.options, command.options, "session.update", self.languages
+                session.options,
+                command.options,
+                "session.update",
+                self.languages,
+                self.translations,
             )
         except ConfigError as err:
             self._event(ErrorEvent("invalid_config", str(err)))
@@ -341,7 +362,8 @@ class StreamProtocol:
 
     def _expire_refines(self, now: float) -> None:
         """Refine work past its deadline counts as skipped: a held final goes out unrefined,
-        `transcript.refined` says skipped; the scheduler's late answer is then ignored."""
+        `transcript.refined` (or `transcript.translated`) says skipped; the scheduler's late
+        answer is then ignored."""
         late = [key for key, (due, _) in self.refine_due.items() if due <= now]
         for key in late:
             _, request = self.refine_due.pop(key)
@@ -361,7 +383,7 @@ class StreamProtocol:
                 self._submit.append(item)
                 if item.deadline_ms is not None:
                     due = self.now + item.deadline_ms / 1000
-                    self.refine_due[(item.channel, item.segment_id)] = (due, item)
+                    self.refine_due[refine_key(item)] = (due, item)
             else:
                 self._event(item)
 

@@ -29,6 +29,7 @@ from streaming.core.events import (
     SpeechStarted,
     SpeechStopped,
     Status,
+    TranslatedTranscript,
 )
 from streaming.core.stability import StabilityConfig, StabilityTracker
 from streaming.core.vad import Gap, SegmentClosed, Segmenter, SegmenterConfig
@@ -76,6 +77,14 @@ class RefineWait:
     text: str
 
 
+@dataclass(frozen=True)
+class TranslateWait:
+    """A final already sent whose translation (`translate_to`) is on its way."""
+
+    start_ms: int
+    end_ms: int
+
+
 @dataclass
 class ChannelState:
     index: int
@@ -87,6 +96,7 @@ class ChannelState:
     texted: set[int] = field(default_factory=set)  # open segments whose partials showed words
     pending: dict[int, PendingFinal] = field(default_factory=dict)
     refining: dict[int, RefineWait] = field(default_factory=dict)  # async refine in flight
+    translating: dict[int, TranslateWait] = field(default_factory=dict)  # translation in flight
 
 
 @dataclass
@@ -204,6 +214,8 @@ class Session:
         channel = self.channels[request.channel]
         if request.kind == "partial":
             return self._on_partial(channel, request, hypothesis)
+        if request.kind == "refine" and request.translate_to is not None:
+            return self._on_translated(channel, request, hypothesis, error)
         if request.kind == "refine":
             return self._on_refined(channel, request, hypothesis, error, queue_ms, compute_ms)
         pending = channel.pending.get(request.segment_id)
@@ -233,6 +245,8 @@ class Session:
                 final.start_ms, final.end_ms, final.text
             )
             out.insert(1, self._refine_request(request))
+        if hypothesis.words:
+            out += self._translate(channel, request, out[0])
         return out + self._maybe_closed()
 
     @property
@@ -245,6 +259,10 @@ class Session:
     @property
     def refines_pending(self) -> int:
         return sum(len(ch.refining) for ch in self.channels)
+
+    @property
+    def translations_pending(self) -> int:
+        return sum(len(ch.translating) for ch in self.channels)
 
         # --- internals ---------------------------------------------------------------------------
 
@@ -463,7 +481,7 @@ class Session:
                 held.queue_ms + queue_ms,
                 held.compute_ms + compute_ms,
             )
-            return out + self._maybe_closed()
+            return out + self._translate(channel, request, out[0]) + self._maybe_closed()
         wait = channel.refining.pop(segment_id, None)
         if wait is None:
             return []  # answered already (its deadline passed)
@@ -481,8 +499,60 @@ class Session:
             )  # fmt: skip
         return [refined, *self._maybe_closed()]
 
+    def _translate(
+        self, channel: ChannelState, request: EngineRequest, final: FinalTranscript
+    ) -> list[Output]:
+        """The refine model's translation of a final with words just sent (`translate_to`),
+        whatever the refine mode: asked for once the final is out, so `transcript.translated`
+        always follows its final."""
+        target = primary_language(self.options.translate_to)
+        if not (target and self.refine_model):
+            return []
+        channel.translating[final.segment_id] = TranslateWait(final.start_ms, final.end_ms)
+        return [
+            EngineRequest(
+                "refine",
+                request.channel,
+                request.segment_id,
+                0,
+                request.audio,
+                self.hotwords,
+                language=self._language(),
+                deadline_ms=self.options.refine_deadline_ms,
+                translate_to=target,
+            )
+        ]
+
+    def _on_translated(
+        self,
+        channel: ChannelState,
+        request: EngineRequest,
+        hypothesis: Hypothesis | None,
+        error: str,
+    ) -> list[Output]:
+        """`transcript.translated` for a final already sent; skipped when it did not run."""
+        wait = channel.translating.pop(request.segment_id, None)
+        if wait is None:
+            return []  # answered already (its deadline passed)
+        translated = TranslatedTranscript(
+            channel.index,
+            request.segment_id,
+            wait.start_ms,
+            wait.end_ms,
+            request.translate_to or "",
+            hypothesis.text if hypothesis is not None else "",
+            skipped=hypothesis is None,
+            reason="" if hypothesis is not None else error or "dropped",
+        )
+        return [translated, *self._maybe_closed()]
+
     def _maybe_closed(self) -> list[Output]:
-        if self.state != "closing" or self.pending_finals or self.refines_pending:
+        if (
+            self.state != "closing"
+            or self.pending_finals
+            or self.refines_pending
+            or self.translations_pending
+        ):
             return []
         self.state = "closed"
         return [SessionClosed(self.audio_ms, self.stats.segments, self.close_reason)]

@@ -23,6 +23,7 @@ from streaming.core.events import (
     SpeechStarted,
     SpeechStopped,
     Status,
+    TranslatedTranscript,
 )
 from streaming.dialects.base import (
     Audio,
@@ -196,6 +197,19 @@ class NativeDialect(Dialect):
                 "confidence": round(event.confidence, 4),
                 "latency": {"queue_ms": event.queue_ms, "compute_ms": event.compute_ms},
                 "changed": event.changed,
+            }
+            if event.skipped:
+                message |= {"skipped": True, "reason": event.reason}
+            return message
+        if isinstance(event, TranslatedTranscript):
+            message = {
+                "type": "transcript.translated",
+                "channel": event.channel,
+                "segment_id": event.segment_id,
+                "start_ms": event.start_ms,
+                "end_ms": event.end_ms,
+                "language": event.language,
+                "text": event.text,
             }
             if event.skipped:
                 message |= {"skipped": True, "reason": event.reason}

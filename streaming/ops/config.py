@@ -163,6 +163,7 @@ class SessionConfig:
     refine: bool = True
     refine_mode: str = setting("async", choices=("async", "sync"))
     refine_deadline_ms: int = setting(3000, ge=100, le=60000)
+    translate_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,12 +260,17 @@ def session_options(
     values: Mapping[str, object],
     source: str,
     languages: frozenset[str] | None,
+    translations: frozenset[str] | None = None,
 ) -> SessionConfig:
     """A client's session options over `base`, validated like the config file and, when they
-    name a `language`, against the loaded model's `languages` (None: any). Raises ConfigError."""
+    name a `language`, against the loaded model's `languages` (None: any), and a `translate_to`
+    against the refine model's `translations` (None: no refine model). Raises ConfigError."""
     options = override_section("session", base, values, source)
     if "language" in values:
         check_language(options.language, languages, f"session option language (from {source})")
+    if "translate_to" in values:
+        what = f"session option translate_to (from {source})"
+        check_translation(options.translate_to, translations, what)
     return options
 
 
@@ -278,6 +284,24 @@ def check_language(language: str, languages: frozenset[str] | None, what: str) -
         f"{what} = {language!r}: the loaded model does not transcribe it; "
         f"its languages: {', '.join(sorted(languages))}"
     )
+
+
+def check_translation(target: str, translations: frozenset[str] | None, what: str) -> None:
+    """Refuse a translation target the refine model cannot write (`translations`; None: no
+    refine model is loaded), naming what it can do: a session would otherwise wait for
+    translations that never come. Empty asks for none."""
+    if not target:
+        return
+    if translations is None:
+        raise ConfigError(f"{what} = {target!r}: no refine model is loaded (engine.refine_model)")
+    if primary_language(target) in translations:
+        return
+    can = (
+        f"translates into: {', '.join(sorted(translations))}"
+        if translations
+        else "cannot translate"
+    )
+    raise ConfigError(f"{what} = {target!r}: the refine model {can}")
 
 
 def _file_layer(

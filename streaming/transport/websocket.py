@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
-from engine.api import Segment, engine_languages
+from engine.api import Segment, engine_languages, engine_translations
 from engine.scheduler import Outcome, Request, Scheduler
 from streaming.core.captions import CaptionStore
 from streaming.core.close_codes import CLOSE_TRY_AGAIN
@@ -88,6 +88,11 @@ class Connection:
             backlog=scheduler.backlog,
             observer=MetricsObserver(metrics, self.id, captions),
             refine_model=scheduler.refine_engine is not None,
+            translations=(
+                frozenset()
+                if scheduler.refine_engine is None
+                else engine_translations(scheduler.refine_engine)
+            ),
         )
         self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
         self.progress = asyncio.Event()
@@ -312,6 +317,7 @@ class Connection:
                     hotwords=item.hotwords,
                     prefix=item.window.prefix,
                     language=item.language,
+                    translate_to=item.translate_to,
                 ),
                 done,
                 first_text=item.first_text,

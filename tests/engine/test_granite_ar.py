@@ -16,7 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import selection
-from engine.api import EngineOptions, Hypothesis, ModelLoadError, Segment, Word
+from engine.api import (
+    EngineOptions,
+    Hypothesis,
+    ModelLoadError,
+    Segment,
+    Word,
+    engine_translations,
+)
 from engine.features import ar_features
 from engine.granite_ar import engine as ar_engine
 from engine.granite_ar import load_engine
@@ -28,7 +35,13 @@ from engine.granite_ar.generation import (
     LoopStop,
     token_budget,
 )
-from engine.granite_ar.prompt import Task, instruction, parse_task, render_prompt
+from engine.granite_ar.prompt import (
+    TRANSLATION_TARGETS,
+    Task,
+    instruction,
+    parse_task,
+    render_prompt,
+)
 from engine.granite_ar.text import (
     MIN_LOOP_TOKENS,
     join_windows,
@@ -38,8 +51,10 @@ from engine.granite_ar.text import (
     word_key,
 )
 from tests.checkpoints.granite_ar import AUDIO_TOKEN_ID, write_tiny_ar_checkpoint
+from tests.gateway_harness import EchoEngine
 
 RATE = 16000
+PLAIN = instruction(Task())  # the default task's instruction, for clips without hotwords
 SYSTEM = (
     "You are a helpful assistant. Please ensure responses are professional, accurate, and safe."
 )
@@ -168,7 +183,9 @@ def test_unsupported_translation_target_fails_before_loading(tmp_path):
 
 
 def test_prompt_ids_expand_the_audio_token(engine):
-    ids = engine.prompt_ids(("sea shells",), 9)
+    ids = engine.prompt_ids(
+        engine.instruction(Segment(tone(300, 1.0), hotwords=("sea shells",))), 9
+    )
     audio = [i for i, token in enumerate(ids) if token == AUDIO_TOKEN_ID]
     assert len(audio) == 9 and audio == list(range(audio[0], audio[0] + 9))
     collapsed = ids[: audio[0] + 1] + ids[audio[-1] + 1 :]
@@ -244,7 +261,7 @@ def test_window_text_cuts_at_end_of_text_padding_budget_and_loops(engine):
 
 def test_generation_respects_budgets_and_trims_loops(engine):
     waves = [s.audio for s in mixed_segments()]
-    results = engine.generate(waves, [()] * len(waves))
+    results = engine.generate(waves, [PLAIN] * len(waves))
     budgets = [token_budget(w.size / RATE, 10_000) for w in waves]
     assert {r.stop for r in results} == {"eos", "budget", "loop"}, "the mix should hit all three"
     for result, budget in zip(results, budgets, strict=True):
@@ -258,7 +275,7 @@ def test_generation_respects_budgets_and_trims_loops(engine):
 
 def test_a_smaller_budget_binds_generation(engine, monkeypatch):
     monkeypatch.setattr(ar_engine, "token_budget", lambda seconds, limit: 3)
-    results = engine.generate([tone(1000, 2.25), tone(300, 1.0)], [(), ()])
+    results = engine.generate([tone(1000, 2.25), tone(300, 1.0)], [PLAIN, PLAIN])
     assert all(len(r.ids) <= 3 for r in results)
     assert any(r.stop == "budget" and len(r.ids) == 3 for r in results)
 
@@ -361,7 +378,9 @@ def test_batch_results_equal_one_at_a_time(engine):
         Segment(tone(3000, 1.5), hotwords=("fox",)),
         Segment(tone(6000, 0.69)),
     ]
-    ids, _, mask = engine.batch_inputs([s.audio for s in segments], [s.hotwords for s in segments])
+    ids, _, mask = engine.batch_inputs(
+        [s.audio for s in segments], [engine.instruction(s) for s in segments]
+    )
     assert len(set(mask.sum(dim=1).tolist())) == 4, "prompts of different lengths: left padding"
     assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()
     batched = engine.transcribe(segments)
@@ -391,6 +410,70 @@ def test_hotwords_reach_the_model(engine):
     assert plain.confidence != biased.confidence
 
 
+def rendered_prompts(engine, monkeypatch, segments: list[Segment]) -> list[list[str]]:
+    """The user turns of the prompts `transcribe` renders, per `generate` call (a batch)."""
+    batches: list[list[str]] = []
+    prompt_ids, generate = engine.prompt_ids, engine.generate
+
+    def spy_prompt(user: str, n_audio: int) -> list[int]:
+        ids = prompt_ids(user, n_audio)
+        text = engine.tokenizer.decode(
+            [i for i in ids if i != AUDIO_TOKEN_ID], skip_special_tokens=False
+        )
+        batches[-1].append(text.split("<|start_of_role|>user<|end_of_role|>")[1])
+        return ids
+
+    def spy_generate(waves, instructions):
+        batches.append([])
+        return generate(waves, instructions)
+
+    monkeypatch.setattr(engine, "prompt_ids", spy_prompt)
+    monkeypatch.setattr(engine, "generate", spy_generate)
+    hypotheses = engine.transcribe(segments)
+    assert len(hypotheses) == len(segments)
+    for hyp in hypotheses:
+        check_hypothesis(hyp, engine)
+    return batches
+
+
+def test_each_segment_of_a_batch_is_prompted_in_its_language_or_translation(engine, monkeypatch):
+    wave = tone(1000, 2.25)
+    segments = [
+        Segment(wave, language="fr"),
+        Segment(wave, language="de"),
+        Segment(wave, language="fr", translate_to="it"),  # translation overrides the language
+        Segment(wave),
+    ]
+    (batch,) = rendered_prompts(engine, monkeypatch, segments)
+    assert [user.split("<|end_of_text|>")[0] for user in batch] == [
+        "transcribe the French speech with proper punctuation and capitalization.",
+        "transcribe the German speech with proper punctuation and capitalization.",
+        "translate the speech to Italian with proper punctuation and capitalization.",
+        "transcribe the speech with proper punctuation and capitalization.",
+    ]
+
+
+def test_a_load_time_translation_is_kept_for_segments_with_a_language(engine, monkeypatch):
+    english = ar_engine.GraniteArEngine(
+        engine.model, engine.tokenizer, engine.config, task=Task("translate", "German")
+    )
+    segments = [Segment(tone(300, 1.0), language="en"), Segment(tone(300, 1.0))]
+    (batch,) = rendered_prompts(english, monkeypatch, segments)
+    assert all(user.startswith("translate the speech to German") for user in batch)
+
+
+def test_a_language_the_model_lacks_is_refused_not_dropped_from_the_prompt(engine):
+    with pytest.raises(ValueError, match="'ru'"):
+        engine.transcribe([Segment(tone(300, 1.0), language="ru")])
+    with pytest.raises(ValueError, match="'ru'"):
+        engine.transcribe([Segment(tone(300, 1.0), translate_to="ru")])
+
+
+def test_translation_targets_are_declared_and_other_engines_have_none(engine):
+    assert engine_translations(engine) == frozenset(TRANSLATION_TARGETS) >= {"fr", "it", "zh"}
+    assert engine_translations(EchoEngine()) == frozenset()
+
+
 def test_long_audio_is_windowed_and_joined(engine):
     short = ar_engine.GraniteArEngine(
         engine.model, engine.tokenizer, engine.config, window_s=3.0, window_overlap_s=1.0
@@ -398,9 +481,9 @@ def test_long_audio_is_windowed_and_joined(engine):
     calls = []
     original = short.generate
 
-    def spy(waves, hotwords):
+    def spy(waves, instructions):
         calls.append([w.size for w in waves])
-        return original(waves, hotwords)
+        return original(waves, instructions)
 
     short.generate = spy
     wave = np.concatenate([tone(300 + 500 * k, 1.0) for k in range(8)])
@@ -466,11 +549,11 @@ def test_audio_token_count_matches_the_projector_and_the_processor(engine, model
     assert GraniteSpeechFeatureExtractor._get_num_audio_features(processor, [n_samples]) == [count]
 
 
-def reference(model, engine, wave: np.ndarray, hotwords=()):
+def reference(model, engine, wave: np.ndarray, user: str = PLAIN):
     """transformers' path: our ids with features computed by hand, merged by the model."""
     features, frames = ar_features([wave])
     n_audio = audio_token_count(int(frames[0]), engine.config)
-    ids = torch.tensor([engine.prompt_ids(hotwords, n_audio)])
+    ids = torch.tensor([engine.prompt_ids(user, n_audio)])
     inputs = {
         "input_ids": ids,
         "input_features": features,
@@ -482,14 +565,14 @@ def reference(model, engine, wave: np.ndarray, hotwords=()):
 
 def test_first_step_logits_match_a_direct_forward(engine, model):
     waves = [tone(1000, 2.25), tone(300, 1.0), noise(1.3, seed=4)]
-    hotwords = [("sea shells",), (), ()]
+    users = [instruction(Task(), ("sea shells",)), PLAIN, PLAIN]
     with torch.inference_mode():
-        _, embeds, mask = engine.batch_inputs(waves, hotwords)
+        _, embeds, mask = engine.batch_inputs(waves, users)
         ours = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
-        for row, (wave, words) in enumerate(zip(waves, hotwords, strict=True)):
-            expected = model(**reference(model, engine, wave, words)).logits[0, -1]
+        for row, (wave, user) in enumerate(zip(waves, users, strict=True)):
+            expected = model(**reference(model, engine, wave, user)).logits[0, -1]
             torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
-    results = engine.generate(waves, hotwords)
+    results = engine.generate(waves, users)
     for row, result in enumerate(results):
         scores = ours[row].clone()
         scores[engine.suppressed] = -math.inf
@@ -499,7 +582,7 @@ def test_first_step_logits_match_a_direct_forward(engine, model):
 
 def test_greedy_tokens_match_transformers_generate(engine, model):
     wave = tone(1000, 2.25)
-    (ours,) = engine.generate([wave], [()])
+    (ours,) = engine.generate([wave], [PLAIN])
     budget = token_budget(wave.size / RATE, 10_000)
     with torch.inference_mode():
         out = model.generate(

@@ -28,6 +28,7 @@ from streaming.core.events import (
     SpeechStarted,
     SpeechStopped,
     Status,
+    TranslatedTranscript,
 )
 from streaming.dialects.base import Close, Configure, Finalize, KeepAlive, Reject, Update
 from streaming.dialects.native import NativeDialect
@@ -102,6 +103,8 @@ EVENTS: list[Event] = [
     FinalTranscript(0, 1, 1700, 4990, "He", [WORD], 0.81, Latency(500, 3, 180), "endpoint"),
     RefinedTranscript(0, 1, 1700, 4990, "He", [WORD], 0.9, 40, 620, changed=False),
     RefinedTranscript(0, 2, 5200, 7900, "He", [], 0.0, 3000, 0, False, True, "deadline"),
+    TranslatedTranscript(0, 1, 1700, 4990, "fr", "Il"),
+    TranslatedTranscript(0, 2, 5200, 7900, "fr", "", skipped=True, reason="deadline"),
     Status(1250, 8400),
     ErrorEvent("invalid_update", "cannot change sample_rate mid-stream"),
     ErrorEvent("engine_error", "segment 2 failed", channel=0, segment_id=2),

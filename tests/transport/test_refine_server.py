@@ -9,11 +9,14 @@ import base64
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from engine.api import Hypothesis
+from engine.api import EngineOptions, Hypothesis
+from engine.granite_ar.engine import load_engine as load_ar_engine
 from streaming.core.audio import encode_mulaw
+from tests.checkpoints.granite_ar import write_tiny_ar_checkpoint
 from tests.gateway_harness import EchoEngine, collect, gateway_config, http_get, read_all, running
 from tests.streams import RATE, chunks, joined, librivox_clips, to_s16le
 
@@ -185,4 +188,104 @@ def test_a_refine_batch_that_fails_leaves_the_finals_standing(speech):
     assert len(of(messages, "transcript.final")) == 2 and len(refined) == 2
     failed, ok = refined
     assert failed["skipped"] and "refine exploded" in failed["reason"] and ok["changed"]
-    assert 'streamscribe_engine_failures_total 1.0' in metrics
+    assert "streamscribe_engine_failures_total 1.0" in metrics
+
+
+# --- translation (`translate_to`) with the real granite-ar code on a tiny random checkpoint ------
+
+
+@pytest.fixture(scope="module")
+def tiny_ar(tmp_path_factory):
+    folder = write_tiny_ar_checkpoint(tmp_path_factory.mktemp("tiny-ar"), seed=0)
+    return load_ar_engine(str(folder), EngineOptions(device="cpu", dtype="float32"))
+
+
+def test_translate_to_gets_transcript_translated_from_the_granite_ar_refine_model(speech, tiny_ar):
+    """The tiny model's text is gibberish: the structure is what is checked."""
+
+    async def main():
+        async with running(gateway_config(), EchoEngine(), refine_engine=tiny_ar) as gw:
+            return await stream_native(gw, speech, "?translate_to=fr&refine_deadline_ms=60000")
+
+    messages = asyncio.run(main())
+    finals, translated = of(messages, "transcript.final"), of(messages, "transcript.translated")
+    assert len(finals) == 2 and len(of(messages, "transcript.refined")) == 2
+    assert [m["segment_id"] for m in translated] == [m["segment_id"] for m in finals]
+    for final, item in zip(finals, translated, strict=True):
+        assert messages.index(final) < messages.index(item)
+        assert set(item) == {
+            "type", "seq", "channel", "segment_id", "start_ms", "end_ms", "language", "text",
+        }  # fmt: skip
+        assert item["language"] == "fr" and isinstance(item["text"], str)
+        assert (item["start_ms"], item["end_ms"]) == (final["start_ms"], final["end_ms"])
+    assert messages[-1]["type"] == "session.closed"
+
+
+def test_translate_to_the_refine_model_cannot_do_is_invalid_config_and_close_4001(tiny_ar):
+    async def main():
+        async with running(gateway_config(), EchoEngine(), refine_engine=tiny_ar) as gw:
+            async with connect(native_url(gw, "?translate_to=xx")) as ws:
+                return await read_all(ws), ws.close_code
+
+    messages, code = asyncio.run(main())
+    assert [(m["type"], m.get("code")) for m in messages] == [("error", "invalid_config")]
+    assert messages[0]["message"].endswith(
+        "the refine model translates into: de, en, es, fr, it, ja, pt, zh"
+    )
+    assert code == 4001
+
+
+# --- telephony: call subscribers get the refined text as the final --------------------------
+
+
+def test_twilio_call_subscribers_get_refined_finals():
+    from clients.telephony import twilio_sim
+    from tests.dialects.test_twilio import (
+        CALL_SID,
+        read_all,
+        settled,
+        stream_url,
+        subscribe,
+        until_subscribed,
+    )
+
+    (_, first, _), (_, second, _) = librivox_clips()[:2]
+    quiet = np.zeros(int(1.5 * RATE), np.float32)
+    call = {
+        "inbound": twilio_sim.to_mulaw(np.concatenate([quiet, first, quiet]), RATE),
+        "outbound": twilio_sim.to_mulaw(np.concatenate([quiet, second, quiet]), RATE),
+    }
+
+    async def main():
+        async with running(gateway_config(), EchoEngine(), refine_engine=LoudEngine()) as gw:
+            subscriber = await subscribe(gw.port, CALL_SID)
+            await until_subscribed(gw, CALL_SID)
+            stream = twilio_sim.messages(call, CALL_SID, {}, "12")
+            await twilio_sim.replay(stream_url(gw), list(stream), realtime=False)
+            events = await read_all(subscriber)
+            await settled(gw)
+            return events
+
+    events = asyncio.run(main())
+    finals = [e for e in events if e["type"] == "transcript.final"]
+    assert len(finals) == 2 and all(f["text"].isupper() for f in finals)
+    assert not [e for e in events if e["type"] == "transcript.refined"]
+
+
+# --- the GPU pairing's code: granite-nar primary, granite-ar refine, tiny random checkpoints --
+
+
+def test_granite_nar_primary_with_granite_ar_refine_through_the_server(
+    speech, tiny_engine, tiny_ar
+):
+    async def main():
+        async with running(gateway_config(), tiny_engine, refine_engine=tiny_ar) as gw:
+            return await stream_native(gw, speech, "?refine_deadline_ms=60000")
+
+    messages = asyncio.run(main())
+    finals, refined = of(messages, "transcript.final"), of(messages, "transcript.refined")
+    assert finals and len(refined) == len([f for f in finals if f["words"]])
+    for ref in refined:
+        assert not ref.get("skipped") and isinstance(ref["text"], str)
+        assert ref["latency"]["compute_ms"] >= 0
+    assert messages[-1]["type"] == "session.closed"
