@@ -140,12 +140,28 @@ def outcome(request: EngineRequest, hypothesis: Hypothesis | None, reason: str =
     return Outcome(fake, status, hypothesis, reason, queue_ms=2.0, compute_ms=3.0)
 
 
-def run_protocol(dialect, speech, query: dict[str, str], config: Config | None = None):
-    """A stream through StreamProtocol; engine requests answered at once except refine ones,
-    which are returned unanswered."""
+def run_protocol(
+    dialect,
+    speech,
+    query: dict[str, str],
+    config: Config | None = None,
+    translations: frozenset[str] = frozenset(),
+):
+    """A stream through StreamProtocol with a refine model (translating into `translations`);
+    engine requests answered at once except the refine model's, which are returned
+    unanswered."""
     session_id = uuid.uuid4().hex  # Deepgram's request_id is a UUID
     config = config or Config()
-    protocol = StreamProtocol(session_id, dialect, query, config, None, 0.0, refine_model=True)
+    protocol = StreamProtocol(
+        session_id,
+        dialect,
+        query,
+        config,
+        None,
+        0.0,
+        refine_model=True,
+        translations=translations,
+    )
     frames: list = []
     refines: list[EngineRequest] = []
 

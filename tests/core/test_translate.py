@@ -26,6 +26,7 @@ from streaming.dialects.native import NativeDialect
 from streaming.ops.config import Config, ConfigError, SessionConfig, session_options
 from streaming.server import Gateway
 from tests.core.test_refine import Driver, outcome, refined_words
+from tests.core.test_refine import run_protocol as refine_stream
 from tests.core.test_session import fake_words
 from tests.gateway_harness import EchoEngine
 from tests.streams import RATE, chunks, joined, librivox_clips, to_s16le
@@ -185,36 +186,8 @@ def test_the_protocol_refuses_the_query_and_session_start_with_4001():
 
 
 def run_protocol(dialect, speech, query: dict[str, str], config: Config | None = None):
-    """A stream through StreamProtocol with a refine model that translates; engine requests
-    answered at once except the refine model's, which are returned unanswered."""
-    protocol = StreamProtocol(
-        "a0c0d6e0f7a4c55b1f2e3d4c5b6a7980",
-        dialect,
-        query,
-        config or Config(),
-        None,
-        0.0,
-        refine_model=True,
-        translations=GRANITE_AR,
-    )
-    frames: list = []
-    waiting: list[EngineRequest] = []
-
-    def perform(actions, now):
-        frames.extend(actions.send)
-        for request in actions.submit:
-            if request.kind == "refine":
-                waiting.append(request)
-            else:
-                answer = outcome(request, fake_words(request.audio))
-                perform(protocol.on_result(request, answer, now), now)
-
-    now = 0.0
-    perform(protocol.open(), now)
-    for chunk in chunks(to_s16le(speech), RATE * 2 // 10):
-        now += 0.1
-        perform(protocol.receive_binary(chunk, now), now)
-    return protocol, frames, waiting, perform, now
+    """test_refine's stream through StreamProtocol, with a refine model that translates."""
+    return refine_stream(dialect, speech, query, config, translations=GRANITE_AR)
 
 
 def test_a_refine_and_a_translation_of_one_segment_each_meet_their_deadline(speech):
