@@ -9,6 +9,7 @@ model is ready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import importlib.resources
 import logging
@@ -30,7 +31,7 @@ from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
-from streaming.ops import admission
+from streaming.ops import admission, auth
 from streaming.ops.config import Config, check_language, check_translation
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
@@ -56,9 +57,12 @@ CAPTION_FILES = {
     "vtt": (to_vtt, "text/vtt; charset=utf-8"),
     "srt": (to_srt, "application/x-subrip; charset=utf-8"),
 }
-AUTH_SUBPROTOCOLS = ("token", "bearer")  # browsers: new WebSocket(url, ["token", KEY])
 # The browser page: `/` is index.html, `/web/<name>` the files beside it (no subfolders).
+DRAIN_CUT_S = 0.25  # after the drain's deadline, how long cut connections get to end their tasks
 WEB_ROOT = importlib.resources.files("clients") / "web"
+# A plain, short file name of the page's folder: a long one made is_file() raise (500), and a
+# path or a dot file is never served.
+WEB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 WEB_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -85,7 +89,8 @@ class Gateway:
         self.metrics = Metrics()
         self.connections: StreamRegistry[Connection] = StreamRegistry()  # live streams
         self.draining = False
-        self.keys = {k.strip() for k in config.server.api_keys.split(",") if k.strip()}
+        self.keys = auth.parse_keys(config.server.api_keys)
+        self.guard = auth.Guard(self.keys)  # both ports: the same keys and bad-key throttle
         self.server: WebSocketServer | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.engine_error: str | None = None
@@ -109,7 +114,7 @@ class Gateway:
         return admission.refusal(
             loaded=self.scheduler is not None,
             draining=self.draining,
-            active=len(self.connections),
+            active=len(self.connections) + self.calls.subscribed,  # subscribers hold sockets too
             limit=self.config.server.max_sessions,
         )
 
@@ -124,7 +129,9 @@ class Gateway:
             ping_timeout=20,
         ).start(server.host, server.port)
         if server.audiosocket_port:
-            self.audiosocket = await audiosocket.serve(self, server.host, server.audiosocket_port)
+            self.audiosocket = await audiosocket.serve(
+                self, server.audiosocket_host, server.audiosocket_port
+            )
         if server.http_port >= 0:
             self.rest = RestServer(self)
             await self.rest.start(server.host, server.http_port)
@@ -201,6 +208,9 @@ class Gateway:
             why = self.engine_error or ("draining" if self.draining else "not ready")
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
         if path == "/metrics":
+            denied = self._denied(connection, request)
+            if denied is not None:
+                return denied
             return _text(
                 http.HTTPStatus.OK,
                 self.metrics.render().decode(),
@@ -208,17 +218,15 @@ class Gateway:
             )
         captions = CAPTIONS_PATH.fullmatch(path)
         if captions is not None:
-            if self.keys and _api_key(request) not in self.keys:
-                self.metrics.rejections.labels("auth").inc()
-                return _text(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
-            return self._captions_file(*captions.groups(), request)
+            denied = self._denied(connection, request)
+            return denied or self._captions_file(*captions.groups(), request)
         if path == "/" or path.startswith("/web/"):
             return _web_file("index.html" if path == "/" else path[len("/web/") :])
         if path not in ROUTES and call_events_id(path) is None:
             return _text(http.HTTPStatus.NOT_FOUND, f"no such endpoint: {path}\n")
-        if self.keys and _api_key(request) not in self.keys:
-            self.metrics.rejections.labels("auth").inc()
-            return _text(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
+        denied = self._denied(connection, request)
+        if denied is not None:
+            return denied
         reason = self.refusal()
         if reason is not None:
             self.metrics.rejections.labels(reason).inc()
@@ -226,6 +234,27 @@ class Gateway:
             response.headers["Retry-After"] = str(admission.RETRY_AFTER_S)
             return response
         return None
+
+    def _denied(self, connection: WebSocket, request: Request) -> Response | None:
+        """401 for a missing or wrong API key (when keys are set), 429 + Retry-After once the
+        client's address sent too many bad ones; None lets the request in."""
+        offered = auth.offered_key(
+            request.headers.get("Authorization", ""),
+            _offered_subprotocols(request.headers),
+            urlsplit(request.path).query,
+        )
+        peer = connection.transport.get_extra_info("peername") if connection.transport else None
+        client = str(peer[0]) if peer else ""
+        denial = self.guard.check(offered, client, asyncio.get_running_loop().time())
+        if denial is None:
+            return None
+        self.metrics.rejections.labels("auth").inc()
+        _, retry_after = denial
+        if retry_after is None:
+            return _text(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
+        response = _text(http.HTTPStatus.TOO_MANY_REQUESTS, "too many invalid API keys\n")
+        response.headers["Retry-After"] = str(retry_after)
+        return response
 
     def _captions_file(self, session_id: str, kind: str, request: Request) -> Response:
         """The session's cues in programme time (audio time + its timecode_origin_ms)."""
@@ -285,20 +314,37 @@ class Gateway:
             self.metrics.sessions_active.dec()
 
     async def drain(self) -> None:
-        """Refuse new streams, flush every open one, deliver its finals, then stop."""
+        """Refuse new streams, flush every open one, deliver its finals, then stop, all within
+        `server.drain_grace_s`: a client that never reads its close frame (or keeps streaming)
+        must not hold the exit past it, so what is still open at the deadline is cut."""
         self.draining = True
+        loop = asyncio.get_running_loop()
         grace = self.config.server.drain_grace_s
+        deadline = loop.time() + grace
         if self.audiosocket is not None:
             self.audiosocket.close()
         rest = [self.rest.stop()] if self.rest is not None else []
-        await asyncio.gather(*(c.drain(grace) for c in list(self.connections)), *rest)
-        await self.calls.aclose(grace)
+
+        async def settle() -> None:
+            await asyncio.gather(*(c.drain(grace) for c in list(self.connections)), *rest)
+            await self.calls.aclose(max(0.0, deadline - loop.time()))
+
+        settling = asyncio.ensure_future(settle())
+        await asyncio.wait((settling,), timeout=grace)
         self.server.close()
-        await self.server.wait_closed()
+        await self.server.wait_closed(max(0.0, deadline - loop.time()))
+        if not settling.done() or self.server.connections:  # the deadline: cut what is open
+            for connection in list(self.connections):
+                connection.ws.transport.abort()
+            self.server.abort()
+            await asyncio.wait((settling,), timeout=DRAIN_CUT_S)
+            settling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settling
         if self.watchdog is not None:
             self.watchdog.cancel()
         if self.scheduler is not None:
-            self.scheduler.stop(timeout=grace)
+            self.scheduler.stop(timeout=max(0.0, deadline - loop.time()))
 
 
 def _load_failure(err: Exception) -> str:
@@ -323,26 +369,12 @@ def _web_file(name: str) -> Response:
     """A file of the page's folder by plain name, so no path can leave the folder."""
     kind = WEB_TYPES.get(name[name.rfind(".") :]) if "." in name else None
     file = WEB_ROOT / name
-    if kind is None or "/" in name or "\\" in name or name.startswith(".") or not file.is_file():
+    if kind is None or not WEB_NAME.fullmatch(name) or not file.is_file():
         return _text(http.HTTPStatus.NOT_FOUND, f"no such file: {name}\n")
     headers = Headers(
         [("Content-Type", kind), ("Cache-Control", "no-cache"), ("Connection", "close")]
     )
     return Response(http.HTTPStatus.OK.value, http.HTTPStatus.OK.phrase, headers, file.read_bytes())
-
-
-def _api_key(request: Request) -> str | None:
-    """`Authorization: Bearer KEY` (or `Token KEY`), else the subprotocols `token, KEY` (or
-    `bearer, KEY`) that browsers can send, else `?api_key=KEY` for clients that cannot set
-    headers."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() in ("bearer", "token") and value.strip():
-        return value.strip()
-    offered = _offered_subprotocols(request.headers)
-    if len(offered) == 2 and offered[0].lower() in AUTH_SUBPROTOCOLS:
-        return offered[1]
-    return dict(parse_qsl(urlsplit(request.path).query)).get("api_key")
 
 
 def _offered_subprotocols(headers: Headers) -> list[str]:
@@ -354,7 +386,7 @@ def _select_subprotocol(connection: WebSocket, offered: Sequence[str]) -> str | 
     """Answer `token` (or `bearer`) to a browser that sent its key as subprotocols (a browser
     drops a connection whose server picks none of those it offered); other clients continue
     without a subprotocol."""
-    return next((name for name in offered if name.lower() in AUTH_SUBPROTOCOLS), None)
+    return next((name for name in offered if name.lower() in auth.AUTH_SUBPROTOCOLS), None)
 
 
 async def run(

@@ -238,8 +238,9 @@ class StreamProtocol:
 
     def tick(self, now: float) -> Actions:
         """Called while the transport waits for the client: ends a stream that reached its
-        drain deadline, its maximum duration or its idle timeout; and tells the session of
-        refine work past its deadline."""
+        drain deadline, its maximum duration or its idle timeout; tells the session of refine
+        work past its deadline; and sends `status` while the engine is behind, as a client
+        that stopped sending must still learn of a growing lag."""
         self.now = now
         if self.refine_due:
             self._expire_refines(now)
@@ -256,6 +257,8 @@ class StreamProtocol:
             text = f"no message for {server.idle_timeout_s:g} s"
             self._event(ErrorEvent("idle_timeout", text))
             self._out(self.session.close("idle_timeout"))
+        else:
+            self._status(now)
         return self._take()
 
     def abandon(self) -> list[tuple[str, int, int]]:
@@ -297,7 +300,7 @@ class StreamProtocol:
 
     def _audio(self, data: bytes, now: float) -> None:
         """Audio into the session, then the dialect's messages now due, and a `status` when the
-        engine is behind (checked once a second, when the audio counter also moves)."""
+        engine is behind."""
         self.audio_seen = True
         session = self.session
         outputs = session.feed_audio(data)
@@ -307,12 +310,19 @@ class StreamProtocol:
         if due:
             for reply in due:
                 self._event(reply.message)
-        if now - self.last_status >= STATUS_EVERY_S:
-            self.last_status = now
-            self.observer.audio(session.audio_ms)
-            lag_ms, queued_ms = self.backlog()
-            if lag_ms >= self.config.server.status_lag_ms:
-                self._out(session.status(lag_ms, queued_ms))
+        self._status(now)
+
+    def _status(self, now: float) -> None:
+        """Once a second, from audio or the clock alike: count the audio, and send `status`
+        when the engine is `server.status_lag_ms` behind."""
+        if now - self.last_status < STATUS_EVERY_S:
+            return
+        self.last_status = now
+        session = self.session
+        self.observer.audio(session.audio_ms)
+        lag_ms, queued_ms = self.backlog()
+        if lag_ms >= self.config.server.status_lag_ms:
+            self._out(session.status(lag_ms, queued_ms))
 
     def _configure(self, command: Configure) -> None:
         """`session.start` (or its kin): a new session core with these options, before audio."""

@@ -19,7 +19,6 @@ call's subscribers and webhook get every event.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 
@@ -27,6 +26,7 @@ from streaming.core.close_codes import CLOSE_BAD_CONFIG
 from streaming.core.events import ErrorEvent, Event, FinalTranscript
 from streaming.dialects.base import (
     Audio,
+    BadJSON,
     Close,
     Command,
     Configure,
@@ -34,6 +34,7 @@ from streaming.dialects.base import (
     KeepAlive,
     Opening,
     Reject,
+    load_json,
 )
 from streaming.dialects.native import NativeDialect, split_hotwords
 
@@ -71,8 +72,8 @@ class AudioForkDialect(Dialect):
             return [KeepAlive()]
         self.state = "streaming"
         try:
-            metadata = json.loads(text)
-        except json.JSONDecodeError as err:
+            metadata = load_json(text)
+        except BadJSON as err:
             return [Reject("bad_metadata", f"metadata must be a JSON object: {err}")]
         if not isinstance(metadata, dict):
             return [Reject("bad_metadata", "metadata must be a JSON object")]
@@ -80,7 +81,8 @@ class AudioForkDialect(Dialect):
         if "sampleRate" in metadata:
             options["sample_rate"] = metadata["sampleRate"]
         if "mixType" in metadata:
-            labels = MIX_TYPES.get(metadata["mixType"])
+            mix = metadata["mixType"]
+            labels = MIX_TYPES.get(mix) if isinstance(mix, str) else None
             if labels is None:
                 return [
                     Reject(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -119,11 +120,51 @@ class Dialect(ABC):
         return []
 
 
+# A text frame is parsed only within these bounds: json.loads recurses once per nesting level
+# (a frame of 50,000 brackets is a RecursionError) and a long number is a ValueError (Python's
+# int-from-str digit limit); control messages need neither. The transport's frame limit
+# (server.max_frame_bytes) is normally lower than MAX_TEXT_CHARS; this one holds for any caller.
+MAX_TEXT_CHARS = 16 << 20
+MAX_JSON_DEPTH = 64
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+class BadJSON(ValueError):
+    """A text frame that is not JSON this server will parse; the message says why."""
+
+
+def _too_deep(text: str) -> bool:
+    """Whether brackets outside strings nest deeper than MAX_JSON_DEPTH (a scan in C where the
+    frame has few brackets, as every real control message has)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def load_json(text: str) -> object:
+    """`json.loads` of a text frame, bounded in size and nesting; raises BadJSON, never the
+    RecursionError or ValueError of a hostile frame."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise BadJSON(f"text frame of {len(text)} characters; at most {MAX_TEXT_CHARS}")
+    if _too_deep(text):
+        raise BadJSON(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise BadJSON(str(err)) from None
+
+
 def parse_message(text: str) -> dict | Reject:
     """A text frame as a JSON object with a string `type`, or the Reject that says why not."""
     try:
-        message = json.loads(text)
-    except json.JSONDecodeError as err:
+        message = load_json(text)
+    except BadJSON as err:
         return Reject("bad_json", f"text frames must be JSON: {err}")
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return Reject("bad_message", "a control message is a JSON object with a 'type'")

@@ -108,7 +108,10 @@ class NativeDialect(Dialect):
         ]
 
     def _configure(self, kind: str, body: dict) -> Command:
-        options = dict(body.pop("config", None) or {})
+        config = body.pop("config", None) or {}
+        if not isinstance(config, dict):
+            return Reject("invalid_config", f"config must be an object of options, not {config!r}")
+        options = dict(config)
         options.update(body)
         captions = options.pop("captions", None)  # {mode, preset, rows, hold_back_words}
         if captions is not None:

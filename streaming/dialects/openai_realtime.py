@@ -37,6 +37,7 @@ from streaming.core.events import (
 from streaming.core.stability import resume_point
 from streaming.dialects.base import (
     Audio,
+    BadJSON,
     Command,
     Configure,
     Dialect,
@@ -45,6 +46,7 @@ from streaming.dialects.base import (
     Reject,
     Reply,
     Update,
+    load_json,
 )
 from streaming.ops.config import ConfigError, SessionConfig, override_section
 
@@ -145,8 +147,8 @@ class OpenAIRealtimeDialect(Dialect):
 
     def on_text(self, text: str) -> list[Command]:
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError as err:
+            message = load_json(text)
+        except BadJSON as err:
             return [Reject("invalid_json", f"events must be JSON: {err}")]
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             return [Reject("invalid_event", "an event is a JSON object with a string 'type'")]
@@ -511,17 +513,18 @@ def _transcription(value: dict) -> tuple[str | None, str, list[str]]:
 
 def _format(value: object) -> str:
     """GA `audio.input.format`: {"type": "audio/pcm", "rate": 24000} or audio/pcmu, audio/pcma."""
-    if not isinstance(value, dict) or value.get("type") not in GA_FORMATS:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or kind not in GA_FORMATS:
         raise _BadEvent(
             f"audio.input.format must be an object with type {', '.join(GA_FORMATS)}; got {value!r}"
         )
-    if value["type"] == "audio/pcm" and value.get("rate", 24000) != 24000:
+    if kind == "audio/pcm" and value.get("rate", 24000) != 24000:
         raise _BadEvent(f"audio/pcm must be 24000 Hz, got rate {value.get('rate')!r}")
-    return GA_FORMATS[value["type"]]
+    return GA_FORMATS[kind]
 
 
 def _beta_format(value: object) -> str:
-    if value not in FORMATS:
+    if not isinstance(value, str) or value not in FORMATS:
         raise _BadEvent(f"input_audio_format must be one of {', '.join(FORMATS)}; got {value!r}")
     return value
 

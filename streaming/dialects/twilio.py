@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from collections.abc import Mapping
 
@@ -26,6 +25,7 @@ from streaming.core.close_codes import CLOSE_BAD_CONFIG, CLOSE_BAD_SEQUENCE
 from streaming.core.events import ErrorEvent, Event
 from streaming.dialects.base import (
     Audio,
+    BadJSON,
     Close,
     Command,
     Configure,
@@ -33,6 +33,7 @@ from streaming.dialects.base import (
     KeepAlive,
     Opening,
     Reject,
+    load_json,
 )
 from streaming.dialects.native import split_hotwords
 
@@ -110,8 +111,8 @@ class TwilioDialect(Dialect):
 
     def on_text(self, text: str) -> list[Command]:
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError as err:
+            message = load_json(text)
+        except BadJSON as err:
             return [Reject("bad_json", f"text frames must be JSON: {err}")]
         if not isinstance(message, dict) or not isinstance(message.get("event"), str):
             return [Reject("bad_message", "a Twilio message is a JSON object with an 'event'")]
@@ -152,7 +153,7 @@ class TwilioDialect(Dialect):
         tracks = start.get("tracks", ["inbound"])
         if not isinstance(call_sid, str) or not call_sid or not isinstance(stream_sid, str):
             return [_fatal("bad_start", "start must name its callSid and streamSid")]
-        if not isinstance(tracks, list) or not tracks or not set(tracks) <= set(TRACKS):
+        if not isinstance(tracks, list) or not tracks or not all(t in TRACKS for t in tracks):
             return [_fatal("bad_start", f"tracks must be a list of inbound/outbound: {tracks!r}")]
         media_format = start.get("mediaFormat", MEDIA_FORMAT)
         if media_format != MEDIA_FORMAT:

@@ -117,15 +117,22 @@ class ServerConfig:
     drain_grace_s: float = setting(30.0, ge=0)
     max_pending_finals: int = setting(8, ge=1)
     status_lag_ms: float = setting(1000.0, gt=0)
-    api_keys: str = ""
+    api_keys: str = setting(
+        "",
+        pattern=r"(?s)|.*[^\s,].*",
+        expect="empty (no authentication) or comma-separated keys, at least one not blank",
+    )
     call_subscriber_hold_s: float = setting(30.0, gt=0)
     webhook_url: str = setting(
         "", pattern=r"(https?://\S+)?", expect="empty (off) or an http:// or https:// URL"
     )
     webhook_retries: int = setting(3, ge=0)
     audiosocket_port: int = setting(0, ge=0, le=65535)
+    audiosocket_host: str = "127.0.0.1"
     http_port: int = setting(8766, ge=-1, le=65535)
     max_upload_bytes: int = setting(26214400, ge=1024)
+    max_upload_s: float = setting(3600.0, gt=0)
+    upload_timeout_s: float = setting(60.0, gt=0)
     caption_sessions: int = setting(100, ge=1)
     caption_cues: int = setting(100000, ge=1)
     event_loop: str = setting("auto", choices=("auto", "uvloop", "asyncio"))

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
 from streaming.ops.config import LoggingConfig
+
+# API keys as libraries may log them at debug level (websockets logs every request line and
+# header): `?api_key=KEY`, `Authorization: Bearer KEY`, `Sec-WebSocket-Protocol: token, KEY`.
+_SECRETS = re.compile(
+    r"(?i)(api_key=)[^&\s'\"]*|(authorization:\s*)[^\r\n'\"]*"
+    r"|(sec-websocket-protocol:\s*(?:token|bearer)\s*,\s*)[^\r\n'\",]*"
+)
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -26,6 +34,17 @@ class _StderrHandler(logging.StreamHandler):
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr
+
+
+class _Redact(logging.Filter):
+    """Keys must never reach the logs, whichever logger writes them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRETS.sub(lambda m: next(g for g in m.groups() if g) + "<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -76,6 +95,7 @@ def setup_logging(cfg: LoggingConfig) -> None:
     for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(handler)
     handler = _StderrHandler()
+    handler.addFilter(_Redact())
     handler.setFormatter(_JsonFormatter() if cfg.format == "json" else _TextFormatter())
     root.addHandler(handler)
     root.setLevel(cfg.level.upper())

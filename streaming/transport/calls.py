@@ -85,6 +85,7 @@ class CallHub:
         self.deliveries: set[asyncio.Task] = set()
         self.http: aiohttp.ClientSession | None = None
         self.closed = False  # shut down: late events (after the drain's grace) go nowhere
+        self.subscribed = 0  # subscriber connections open now: they count against max_sessions
 
     # --- publishing (Connections) ------------------------------------------------------------
 
@@ -147,6 +148,13 @@ class CallHub:
         """Send the call's events to one subscriber until the call ends (close 1000), the hold
         time passes before the call starts (error `call_not_found`, close 4004), or the
         subscriber leaves. Messages a subscriber sends are read and ignored."""
+        self.subscribed += 1
+        try:
+            await self._serve(ws, call_id)
+        finally:
+            self.subscribed -= 1
+
+    async def _serve(self, ws: WebSocket, call_id: str) -> None:
         call = self._call(call_id)
         if len(call.subscribers) >= MAX_SUBSCRIBERS:
             await _refuse(ws, "too_many_subscribers", f"call {call_id} has enough subscribers")

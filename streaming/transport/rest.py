@@ -9,7 +9,8 @@ latency-bound, so it goes as a refine request without a deadline, and as a final
 refine pass skips or fails it. Response formats json, text, verbose_json (segments and
 words), srt and vtt (the pop-on cues and writers of streaming/core/captions.py, as the CLI writes
 them); `stream=true` answers with server-sent events. Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`.
+`{"error": {"message", "type", "param", "code"}}`. A body is read within
+`server.upload_timeout_s` (408 beyond) and decoded up to `server.max_upload_s` of audio (413).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import soundfile as sf
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import server_logger
 
 from engine.api import (
     TARGET_SAMPLE_RATE,
@@ -41,6 +44,7 @@ from engine.api import (
 from engine.audio import resample
 from engine.scheduler import Kind, Outcome, Request
 from streaming.core.captions import cues_from_words, to_srt, to_vtt
+from streaming.ops import auth
 from streaming.ops.admission import RETRY_AFTER_S, refusal
 from streaming.ops.config import ConfigError, check_language, parse_bool
 
@@ -59,6 +63,8 @@ SENTENCE_END = (".", "?", "!", "…")
 # verbose_json segments: a new one after a sentence, a pause, or 30 s (Whisper's window).
 SEGMENT_PAUSE_MS, SEGMENT_MAX_MS = 1000, 30000
 SUBTITLES = {"srt": (to_srt, "text/plain"), "vtt": (to_vtt, "text/vtt")}  # writer, content type
+DECODE_BLOCK = 1 << 16  # frames decoded at a time, so decoding stops soon past the length cap
+UNKNOWN_FRAMES = (1 << 63) - 1  # libsndfile's frame count when the header does not give it
 
 
 class ApiError(Exception):
@@ -72,8 +78,10 @@ class ApiError(Exception):
         code: str,
         param: str | None = None,
         kind: str = "invalid_request_error",
+        retry_after: int = RETRY_AFTER_S,
     ) -> None:
         super().__init__(message)
+        self.retry_after = retry_after  # the Retry-After of a 503 or 429
         self.status, self.message, self.code, self.param, self.kind = (
             status,
             message,
@@ -91,8 +99,25 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
-        return web.json_response(body, status=self.status, headers=headers)
+        retry = self.status in (429, 503)
+        headers = {"Retry-After": str(self.retry_after)} if retry else None
+        response = web.json_response(body, status=self.status, headers=headers)
+        if self.status == 408:  # the rest of the body may never come: the connection ends
+            response.force_close()
+        return response
+
+
+class QuietServerLog(logging.Filter):
+    """aiohttp logs a client that goes away, or a body it cannot parse, as a traceback at
+    ERROR ("Error handling request"); the operator needs one warning line, not a server bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ConnectionError | HttpProcessingError | asyncio.CancelledError):
+            record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {error}", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 @dataclass(frozen=True)
@@ -116,6 +141,8 @@ class RestServer:
         self.runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
+        if not any(isinstance(f, QuietServerLog) for f in server_logger.filters):
+            server_logger.addFilter(QuietServerLog())
         app = web.Application()
         app.router.add_post(PATH, self.transcribe)
         self.runner = web.AppRunner(
@@ -134,12 +161,15 @@ class RestServer:
 
     async def transcribe(self, request: web.Request) -> web.StreamResponse:
         gateway = self.gateway
+        server = gateway.config.server
         try:
             self._authorize(request)
             self._check_ready()
-            form = await read_form(request, gateway.config.server.max_upload_bytes)
+            form = await read_form(request, server.max_upload_bytes, server.upload_timeout_s)
             language = self._language(form)
-            audio = await asyncio.to_thread(decode_upload, form.audio, form.filename)
+            audio = await asyncio.to_thread(
+                decode_upload, form.audio, form.filename, server.max_upload_s
+            )
             hotwords = (form.prompt,) if form.prompt.strip() else ()
             hypothesis = await self._submit(audio, hotwords, language)
         except ApiError as err:
@@ -156,11 +186,25 @@ class RestServer:
         return render(form, hypothesis, len(audio), language)
 
     def _authorize(self, request: web.Request) -> None:
-        keys = self.gateway.keys
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-        if keys and not (scheme.lower() in ("bearer", "token") and value.strip() in keys):
-            self.gateway.metrics.rejections.labels("auth").inc()
+        """The main port's rule (streaming/ops/auth.py): header or `?api_key=`, 429 once the
+        address sent too many bad keys."""
+        offered = auth.offered_key(
+            request.headers.get("Authorization", ""), (), request.query_string
+        )
+        now = asyncio.get_running_loop().time()
+        denial = self.gateway.guard.check(offered, request.remote or "", now)
+        if denial is None:
+            return
+        self.gateway.metrics.rejections.labels("auth").inc()
+        _, retry_after = denial
+        if retry_after is None:
             raise ApiError(401, "missing or invalid API key", code="invalid_api_key")
+        raise ApiError(
+            429,
+            "too many invalid API keys",
+            code="rate_limit_exceeded",
+            retry_after=retry_after,
+        )
 
     def _check_ready(self) -> None:
         gateway = self.gateway
@@ -240,8 +284,9 @@ def _settle(future: asyncio.Future, outcome: Outcome) -> None:
 # --- reading the upload ----------------------------------------------------------------------
 
 
-async def read_form(request: web.Request, max_bytes: int) -> Form:
-    """Read the multipart form, refusing a file over `max_bytes` as soon as it is seen."""
+async def read_form(request: web.Request, max_bytes: int, timeout_s: float) -> Form:
+    """Read the multipart form, refusing a file over `max_bytes` as soon as it is seen, and a
+    body that has not all come within `timeout_s` (a client announcing more than it sends)."""
     if request.content_type != "multipart/form-data":
         raise ApiError(
             400,
@@ -250,6 +295,34 @@ async def read_form(request: web.Request, max_bytes: int) -> Form:
         )
     if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
         raise _too_large(max_bytes)
+    try:
+        async with asyncio.timeout(timeout_s):
+            audio, filename, fields = await _read_parts(request, max_bytes)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout_s:g} s (server.upload_timeout_s)",
+            code="upload_timeout",
+        ) from None
+    except ValueError as err:  # aiohttp: no boundary, an empty or cut body, a malformed part
+        raise ApiError(400, f"malformed multipart body: {err}", code="invalid_form") from None
+    except ConnectionError as err:
+        log.warning("client went away during an upload: %s", err)
+        raise ApiError(400, "the upload was cut short", code="invalid_form") from None
+    if not audio:
+        raise ApiError(
+            400,
+            "you must provide a non-empty audio file in the 'file' field",
+            param="file",
+            code="missing_file",
+        )
+    return _validate(audio, filename, fields)
+
+
+async def _read_parts(
+    request: web.Request, max_bytes: int
+) -> tuple[bytes | None, str, dict[str, list[str]]]:
+    """The file's bytes and name, and the text fields by name."""
     fields: dict[str, list[str]] = {}
     audio, filename = None, ""
     reader = await request.multipart()
@@ -267,14 +340,7 @@ async def read_form(request: web.Request, max_bytes: int) -> Form:
             ApiError(400, f"form field {name!r} is too long", code="invalid_form"),
         )
         fields.setdefault(name, []).append(data.decode("utf-8", errors="replace"))
-    if not audio:
-        raise ApiError(
-            400,
-            "you must provide a non-empty audio file in the 'file' field",
-            param="file",
-            code="missing_file",
-        )
-    return _validate(audio, filename, fields)
+    return audio, filename, fields
 
 
 async def _read_part(part: BodyPartReader, limit: int, too_big: ApiError) -> bytes:
@@ -353,12 +419,24 @@ def _validate(audio: bytes, filename: str, fields: dict[str, list[str]]) -> Form
     )
 
 
-def decode_upload(data: bytes, filename: str) -> np.ndarray:
-    """Any format libsndfile reads, mixed to mono and resampled to 16 kHz float32."""
+def decode_upload(data: bytes, filename: str, max_s: float) -> np.ndarray:
+    """Any format libsndfile reads, mixed to mono and resampled to 16 kHz float32; audio
+    longer than `max_s` is refused from the header's length, else once decoding passes it (a
+    compressed file of a few MB can hold days of audio)."""
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        if samples.shape[0] == 0:
+        with sf.SoundFile(io.BytesIO(data)) as file:
+            rate, limit = file.samplerate, math.floor(max_s * file.samplerate)
+            if limit < file.frames < UNKNOWN_FRAMES:
+                raise _too_long(max_s)
+            blocks, frames = [], 0
+            for block in file.blocks(DECODE_BLOCK, dtype="float32", always_2d=True):
+                frames += len(block)
+                if frames > limit:
+                    raise _too_long(max_s)
+                blocks.append(block)
+        if not blocks:
             raise ValueError("no audio samples")
+        samples = np.concatenate(blocks)
         mono = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)
         return resample(mono, int(rate), TARGET_SAMPLE_RATE)
     except (sf.SoundFileError, RuntimeError, ValueError) as err:
@@ -371,6 +449,15 @@ def decode_upload(data: bytes, filename: str) -> np.ndarray:
             param="file",
             code="invalid_audio",
         ) from None
+
+
+def _too_long(max_s: float) -> ApiError:
+    return ApiError(
+        413,
+        f"the audio is longer than the server's limit of {max_s:g} s (server.max_upload_s)",
+        param="file",
+        code="audio_too_long",
+    )
 
 
 # --- answering ---------------------------------------------------------------------------------

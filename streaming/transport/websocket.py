@@ -107,6 +107,7 @@ class Connection:
         self.interrupted = False  # the fast path or the watchdog stopped that wait
         self.watched = False  # `watch` looks at this connection (its session is running)
         self.fast_burst = 0  # frames taken on the fast path since the loop last turned
+        self.gone: asyncio.Future | None = None  # done once the link is lost (while running)
 
     @property
     def session(self) -> Session | None:
@@ -133,6 +134,10 @@ class Connection:
             await self._perform(opened)
             return
         results = asyncio.create_task(self._deliver_results())
+        # A reader held back waits for results; once the link is gone none may come (the
+        # task delivering them stops at the first failed send), so its loss wakes it too.
+        self.gone = asyncio.ensure_future(self.ws.wait_closed())
+        self.gone.add_done_callback(lambda _: self.progress.set())
         self.watched = True
         fast = isinstance(self.ws, WebSocket) and protocol.dialect.binary_audio
         try:
@@ -146,6 +151,7 @@ class Connection:
             if fast:
                 self.ws.take_frame = None
             results.cancel()
+            self.gone.cancel()
             self.watched = False
 
     async def drain(self, grace_s: float) -> None:
@@ -160,6 +166,14 @@ class Connection:
     # --- reading ----------------------------------------------------------------------------
 
     async def _read(self) -> None:
+        try:
+            await self._read_frames()
+        except ConnectionClosed:
+            if not self._carries_call():
+                raise
+            await self._perform(self.protocol.hangup())  # flush the call for its subscribers
+
+    async def _read_frames(self) -> None:
         protocol = self.protocol
         task = asyncio.current_task()
         unyielded = 0
@@ -167,11 +181,6 @@ class Connection:
             self.reader = task
             try:
                 message = await self.ws.recv()
-            except ConnectionClosed:
-                if not self._carries_call():
-                    raise
-                await self._perform(protocol.hangup())  # flush the call for its subscribers
-                return
             finally:
                 self.reader = None
             if message is None:  # woken: the fast path or the watchdog left actions to carry out
@@ -236,8 +245,11 @@ class Connection:
         self.ws.wake()  # the waiting recv() returns None; no frame is lost
 
     async def _hold_back(self) -> None:
-        """Backpressure: stop reading while the stream's finals pile up at the engine."""
+        """Backpressure: stop reading while the stream's finals pile up at the engine; raises
+        ConnectionClosed when the link goes meanwhile, so that its slot is freed at once."""
         while self.protocol.paused:
+            if self.gone is not None and self.gone.done():
+                raise ConnectionClosed(None, None)
             self.progress.clear()
             await self.progress.wait()
 
@@ -256,9 +268,10 @@ class Connection:
         if self.reader is None or self.interrupted:
             return
         actions = self.protocol.tick(now)
-        if not self.protocol.reading:  # the tick ended the stream: the reader sends the rest
+        if actions is not NOTHING:  # frames to send (`status`, the end of the stream)
             self._queue(actions)
-            self._interrupt()
+            if self.outbox:
+                self._interrupt()  # the reader sends them in order
 
     # --- carrying out -----------------------------------------------------------------------
 

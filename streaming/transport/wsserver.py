@@ -339,9 +339,16 @@ class WebSocketServer:
                 connection.protocol.send_close(1001, "server shutting down")
                 connection._flush()
 
-    async def wait_closed(self) -> None:
+    def abort(self) -> None:
+        """Cut every open connection now (a drain past its deadline)."""
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    async def wait_closed(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Wait up to `timeout_s` for open connections to close and their handlers to end."""
         await self.server.wait_closed()
         pending = [c.lost for c in list(self.connections)]
         pending += [t for c in list(self.connections) for t in c.tasks if t.get_name() == "handler"]
-        if pending:
-            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
+        if pending and timeout_s > 0:
+            await asyncio.wait(pending, timeout=timeout_s)

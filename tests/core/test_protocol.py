@@ -190,3 +190,27 @@ def test_plain_streams_publish_nothing(speech):
     assert not any(step.publish for step in steps)
     assert stream.hangup() is NOTHING  # a native stream has no hang-up: it is abandoned
     assert stream.abandon() == []  # every request was answered: nothing left to cancel
+
+
+def test_status_comes_from_the_clock_when_the_client_stops_sending():
+    """A client that stops sending still learns that the engine falls further behind: the
+    watchdog's tick sends `status` once a second while the lag is over status_lag_ms."""
+    lag = [0.0]
+    stream = StreamProtocol(
+        uuid.uuid4().hex,
+        NativeDialect(),
+        {},
+        config(status_lag_ms=500.0, idle_timeout_s=60.0),
+        None,
+        0.0,
+        backlog=lambda: (lag[0], 2000.0),
+    )
+    stream.open()
+    stream.receive_binary(b"\x00\x00" * 1600, 0.0)  # then nothing more arrives
+    sent = []
+    for step in range(1, 17):  # the watchdog ticks every 0.25 s for 4 s; the lag grows
+        lag[0] = step * 250.0
+        sent += [(step * 0.25, m) for m in messages(stream.tick(step * 0.25))]
+    statuses = [(t, m) for t, m in sent if m["type"] == "status"]
+    assert [t for t, _ in statuses] == [1.0, 2.0, 3.0, 4.0]  # once a second, no more
+    assert [m["lag_ms"] for _, m in statuses] == [1000, 2000, 3000, 4000]

@@ -7,7 +7,10 @@ import asyncio
 import dataclasses
 import html
 import io
+import json
+import logging
 import re
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -530,3 +533,133 @@ def test_a_full_refine_queue_falls_back_to_the_primary_model(wav):
 
     text = serve_refined(run, refine, primary, max_refine_queue=1)
     assert text.startswith("w0 w1") and primary.calls == 1
+
+
+# --- hostile bodies, slow bodies, long audio, and what the log says about them --------------------
+
+UPLOAD_PATH = "/v1/audio/transcriptions"
+FORM = (
+    b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    b"RIFFxxxx\r\n--XX--\r\n"
+)
+
+
+async def _raw_post(port: int, body: bytes, *, length: int | None = None, **kw) -> bytes:
+    """A POST written by hand (a body shorter than announced, a client that hangs up); returns
+    the response, or b"" when `hang_up` closes the socket first."""
+    content_type = kw.get("content_type", "multipart/form-data; boundary=XX")
+    head = (
+        f"POST {UPLOAD_PATH} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode() + body)
+    await writer.drain()
+    if kw.get("hang_up"):
+        writer.close()
+        await asyncio.sleep(0.3)  # the server notices
+        return b""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    writer.close()
+    return head + body
+
+
+def _status_and_error(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        ("multipart/form-data", FORM),  # no boundary
+        ("multipart/form-data; boundary=XX", b""),  # empty
+        ("multipart/form-data; boundary=XX", FORM[:40]),  # cut inside the part's headers
+        ("multipart/form-data; boundary=XX", FORM[:-10]),  # cut inside the part
+        ("multipart/form-data; boundary=XX", b"garbage" * 10),
+    ],
+)
+def test_a_malformed_multipart_body_is_a_400_not_a_500(content_type, body):
+    async def main():
+        async with running(gateway_config(http_port=0), EchoEngine()) as gw:
+            return await _raw_post(gw.rest.port, body, content_type=content_type)
+
+    status, error = _status_and_error(asyncio.run(main()))
+    assert status == 400 and error["code"] == "invalid_form"
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_a_body_that_never_all_arrives_times_out_with_408():
+    """5,000 bytes announced, 200 sent: a 408 after server.upload_timeout_s, not a hang."""
+
+    async def main():
+        async with running(gateway_config(http_port=0, upload_timeout_s=0.5), EchoEngine()) as gw:
+            started = asyncio.get_running_loop().time()
+            response = await _raw_post(gw.rest.port, FORM + b"x" * 150, length=5000)
+            return response, asyncio.get_running_loop().time() - started
+
+    response, elapsed = asyncio.run(main())
+    status, error = _status_and_error(response)
+    assert status == 408 and error["code"] == "upload_timeout" and elapsed < 5
+
+
+def test_audio_longer_than_max_upload_s_is_a_413(wav, clips):
+    def run(gw):
+        with pytest.raises(openai.APIStatusError) as err:
+            transcribe(gw, wav)
+        return err.value, transcribe(gw, wav[:20000])
+
+    err, short = serve(run, max_upload_s=1.0)
+    assert len(clips[0][1]) > RATE and err.status_code == 413
+    assert err.code == "audio_too_long" and "server.max_upload_s" in err.message
+    assert short.text  # within the limit
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
+def test_decoding_stops_at_the_length_cap(clips, fmt):
+    """From the header's length where it gives one, else block by block while decoding."""
+    from streaming.transport.rest import ApiError, decode_upload
+
+    data = encode(clips[0][1][: 3 * RATE], fmt)
+    with pytest.raises(ApiError) as err:
+        decode_upload(data, "a", max_s=1.0)
+    assert (err.value.status, err.value.code) == (413, "audio_too_long")
+    assert len(decode_upload(data, "a", max_s=3.0)) == 3 * RATE
+
+
+def test_a_client_that_hangs_up_is_one_warning_not_an_error_traceback(caplog):
+    async def main():
+        async with running(gateway_config(http_port=0), EchoEngine()) as gw:
+            await _raw_post(gw.rest.port, FORM[:60], length=5000, hang_up=True)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    warnings = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+
+
+def test_aiohttp_server_errors_from_clients_are_downgraded():
+    """aiohttp's own "Error handling request" traceback for a client error becomes one line."""
+    from streaming.transport.rest import QuietServerLog
+
+    try:
+        raise ConnectionResetError("Connection lost")
+    except ConnectionResetError:
+        record = logging.LogRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("127.0.0.1",),
+            sys.exc_info(),
+        )
+    assert QuietServerLog().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == (
+        "Error handling request from 127.0.0.1: ConnectionResetError: Connection lost"
+    )

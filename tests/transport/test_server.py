@@ -422,3 +422,40 @@ def test_paced_audio_takes_the_fast_path_in_order_with_control_messages(speech, 
     kinds = [m["type"] for m in messages]
     assert kinds.index("transcript.partial") < kinds.index("transcript.final")
     assert kinds[-1] == "session.closed"
+
+
+def test_deeply_nested_json_is_an_error_not_1011():
+    """50,000 nested brackets in one text frame: an error, the stream goes on, and so does the
+    next one (json.loads alone raises RecursionError, which closed the stream with 1011)."""
+
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            async with connect(url(gw)) as ws:
+                await ws.recv()
+                await ws.send("[" * 50_000 + "]" * 50_000)
+                error = json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "close"}))
+                closed = await collect(ws)
+                first_code = ws.close_code
+            async with connect(url(gw)) as ws:
+                started = json.loads(await ws.recv())
+                await ws.send(json.dumps({"type": "close"}))
+                again = await collect(ws)
+        return error, closed, first_code, started, again
+
+    error, closed, first_code, started, again = asyncio.run(main())
+    assert (error["type"], error["code"]) == ("error", "bad_json")
+    assert closed[-1]["type"] == "session.closed" and first_code != 1011
+    assert started["type"] == "session.started" and again[-1]["type"] == "session.closed"
+
+
+@pytest.mark.parametrize("name", ["a" * 5000 + ".js", "a" * 300 + ".css"])
+def test_web_names_that_are_not_plain_short_file_names_are_404(name):
+    """A 5,000-character name made is_file() raise (ENAMETOOLONG): a 500 before."""
+
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            return await http_get(gw.port, "/web/" + name), await http_get(gw.port, "/web/app.js")
+
+    (status, _, _), (good, _, _) = asyncio.run(main())
+    assert status == 404 and good == 200

@@ -1,0 +1,107 @@
+"""API keys, decided in one place for both ports (WebSocket/GET and REST), so that every endpoint
+reads the offered key the same way, compares it in constant time, and throttles guessing."""
+
+from __future__ import annotations
+
+import hmac
+import math
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
+from urllib.parse import parse_qsl
+
+AUTH_SCHEMES = ("bearer", "token")  # `Authorization: Bearer KEY` or `Token KEY`
+AUTH_SUBPROTOCOLS = ("token", "bearer")  # browsers: new WebSocket(url, ["token", KEY])
+FAILURES_ALLOWED = 10  # bad keys from one client address within FAILURE_WINDOW_S ...
+FAILURE_WINDOW_S = 60.0
+BLOCK_S = 60.0  # ... then every request from it gets 429 for this long
+MAX_CLIENTS = 10000  # addresses remembered; the least recently failed one goes first
+
+
+def parse_keys(text: str) -> frozenset[str]:
+    """The keys of `server.api_keys` (comma-separated; empty items ignored)."""
+    return frozenset(key.strip() for key in text.split(",") if key.strip())
+
+
+def offered_key(authorization: str, subprotocols: Sequence[str], query: str) -> str | None:
+    """The key a request offers: `Authorization: Bearer KEY` (or `Token KEY`), else the
+    subprotocols `token, KEY` (or `bearer, KEY`) that browsers can send, else `?api_key=KEY`
+    for clients that cannot set headers (browsers' fetch of a file, EventSource)."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() in AUTH_SCHEMES and value.strip():
+        return value.strip()
+    if len(subprotocols) == 2 and subprotocols[0].lower() in AUTH_SUBPROTOCOLS:
+        return subprotocols[1]
+    return dict(parse_qsl(query)).get("api_key")
+
+
+def key_ok(offered: str | None, keys: Collection[str]) -> bool:
+    """Whether `offered` is one of `keys`, compared in constant time (every key is compared,
+    so the time taken does not tell how much of a key was right)."""
+    if offered is None:
+        return False
+    given = offered.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode())
+    return found
+
+
+class Throttle:
+    """Bad keys by client address: after `allowed` failures within `window_s`, the address is
+    refused for `block_s` (so keys cannot be guessed at line rate). A small in-memory table,
+    at most `max_clients` addresses."""
+
+    def __init__(
+        self,
+        allowed: int = FAILURES_ALLOWED,
+        window_s: float = FAILURE_WINDOW_S,
+        block_s: float = BLOCK_S,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        self.allowed = allowed
+        self.window_s = window_s
+        self.block_s = block_s
+        self.max_clients = max_clients
+        # address -> (failures in the window, window start, blocked until)
+        self.clients: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+
+    def retry_after(self, client: str, now: float) -> int | None:
+        """Seconds until `client` may try again, or None when it is not blocked."""
+        entry = self.clients.get(client)
+        if entry is None or entry[2] <= now:
+            return None
+        return max(1, math.ceil(entry[2] - now))
+
+    def failed(self, client: str, now: float) -> None:
+        """Count one bad key from `client`."""
+        count, start, until = self.clients.pop(client, (0, now, 0.0))
+        if now - start > self.window_s:
+            count, start = 0, now
+        count += 1
+        if count >= self.allowed:
+            until = now + self.block_s
+            count, start = 0, now
+        self.clients[client] = (count, start, until)
+        while len(self.clients) > self.max_clients:
+            self.clients.popitem(last=False)
+
+
+class Guard:
+    """The keys of one server and their throttle: `check` decides a request."""
+
+    def __init__(self, keys: frozenset[str], throttle: Throttle | None = None) -> None:
+        self.keys = keys
+        self.throttle = throttle if throttle is not None else Throttle()
+
+    def check(self, offered: str | None, client: str, now: float) -> tuple[int, int | None] | None:
+        """None to let the request in; else (HTTP status, Retry-After seconds or None): 401 for
+        a missing or wrong key, 429 while the client is blocked for too many of them."""
+        if not self.keys:
+            return None
+        retry = self.throttle.retry_after(client, now)
+        if retry is not None:
+            return 429, retry
+        if key_ok(offered, self.keys):
+            return None
+        self.throttle.failed(client, now)
+        return 401, None

@@ -1,0 +1,61 @@
+"""API keys (streaming/ops/auth.py): one rule for the offered key, constant-time comparison,
+the bad-key throttle, and the settings that must not turn authentication off by accident."""
+
+from __future__ import annotations
+
+import hmac
+
+import pytest
+
+from streaming.ops import auth
+from streaming.ops.config import ConfigError, load_config
+
+
+def test_offered_key_header_subprotocol_then_query():
+    assert auth.offered_key("Bearer k1", (), "api_key=k2") == "k1"
+    assert auth.offered_key("token  k1 ", (), "") == "k1"
+    assert auth.offered_key("", ("token", "k3"), "api_key=k2") == "k3"
+    assert auth.offered_key("Basic xyz", (), "channel=0&api_key=k2") == "k2"
+    assert auth.offered_key("", (), "channel=0") is None
+
+
+def test_key_ok_compares_every_key_in_constant_time(monkeypatch):
+    compared, compare = [], hmac.compare_digest
+
+    def spy(a, b):
+        compared.append(b)
+        return compare(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    assert auth.key_ok("k1", ["k1", "k2"]) and compared == [b"k1", b"k2"]
+    assert not auth.key_ok("k", ["k1"]) and not auth.key_ok(None, ["k1"])
+
+
+def test_throttle_blocks_an_address_after_repeated_bad_keys():
+    guard = auth.Guard(frozenset({"good"}), auth.Throttle(allowed=3, window_s=60, block_s=30))
+    assert [guard.check("bad", "a", 0.0) for _ in range(3)] == [(401, None)] * 3
+    assert guard.check("good", "a", 1.0) == (429, 29)  # blocked, even with the right key
+    assert guard.check("good", "b", 1.0) is None  # other addresses are not
+    assert guard.check("good", "a", 31.0) is None  # the block ends
+
+
+def test_throttle_forgets_old_failures_and_stays_bounded():
+    throttle = auth.Throttle(allowed=2, window_s=10, block_s=30, max_clients=3)
+    throttle.failed("a", 0.0)
+    throttle.failed("a", 11.0)  # a new window: one failure, not two
+    assert throttle.retry_after("a", 11.0) is None
+    for client in "bcde":
+        throttle.failed(client, 12.0)
+    assert len(throttle.clients) == 3 and "a" not in throttle.clients
+
+
+@pytest.mark.parametrize("keys", [" , ", ",", "   "])
+def test_blank_api_keys_are_refused_not_read_as_no_authentication(keys):
+    with pytest.raises(ConfigError, match="server.api_keys"):
+        load_config(env={"STREAMSCRIBE_SERVER__API_KEYS": keys})
+
+
+def test_api_keys_and_audiosocket_host_defaults():
+    config = load_config(env={"STREAMSCRIBE_SERVER__API_KEYS": "k1, ,k2"})
+    assert auth.parse_keys(config.server.api_keys) == {"k1", "k2"}
+    assert load_config(env={}).server.audiosocket_host == "127.0.0.1"
