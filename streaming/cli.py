@@ -208,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
     on stderr stay quiet at the default level, so a start-up failure is one line."""
     from engine import selection
     from streaming import server
+    from streaming.ops import tls
     from streaming.transport import eventloop
 
     cfg = _configure(
@@ -231,6 +232,14 @@ def _serve(args: argparse.Namespace) -> int:
         except ModelLoadError as err:
             raise ModelLoadError(f"cannot load refine model {refine!r}: {err}") from err
 
+    tls_context = None
+    if cfg.server.tls_cert:  # a bad pair stops us before the model loads and the port opens
+        try:
+            tls_context = tls.server_context(cfg.server.tls_cert, cfg.server.tls_key)
+        except tls.TlsError as err:
+            print(f"streamscribe: error: {err}", file=sys.stderr)
+            return EXIT_ERROR
+
     def load() -> Engine:
         return selection.load_engine(**cfg.engine.load_keywords())
 
@@ -253,6 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
                 load,
                 on_ready=functools.partial(_print_ready, choice, refine_choice),
                 load_refine_engine=load_refine if refine is not None else None,
+                tls_context=tls_context,
             )
         )
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
@@ -292,6 +302,7 @@ def _print_ready(choice: ModelChoice, refine: ModelChoice | None, gateway: Gatew
     host = "127.0.0.1" if wildcard else server.host
     host = f"[{host}]" if ":" in host else host
     base = f"{host}:{gateway.port}"
+    ws, web = ("wss", "https") if gateway.tls is not None else ("ws", "http")
     lines = [
         f"streamscribe {_version()} ready: {_model_name(choice)} on "
         f"{gateway.scheduler.engine.device}"
@@ -303,13 +314,16 @@ def _print_ready(choice: ModelChoice, refine: ModelChoice | None, gateway: Gatew
             "(accuracy pass after each final, lowest priority)"
         )
     lines += [
-        f"  streams   ws://{base}/v1/stream   (Deepgram /v1/listen, OpenAI /v1/realtime, "
+        f"  streams   {ws}://{base}/v1/stream   (Deepgram /v1/listen, OpenAI /v1/realtime, "
         "Twilio /v1/telephony/twilio)",
-        f"  browser   http://{base}/",
+        f"  browser   {web}://{base}/",
     ]
     if gateway.rest is not None:
-        lines.append(f"  REST      http://{host}:{gateway.rest.port}/v1/audio/transcriptions")
-    lines += [f"  health    http://{base}/readyz   metrics http://{base}/metrics", "Ctrl-C stops."]
+        lines.append(f"  REST      {web}://{host}:{gateway.rest.port}/v1/audio/transcriptions")
+    lines += [
+        f"  health    {web}://{base}/readyz   metrics {web}://{base}/metrics",
+        "Ctrl-C stops.",
+    ]
     print("\n".join(lines), flush=True)
 
 

@@ -15,6 +15,7 @@ import importlib.resources
 import logging
 import re
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
@@ -31,7 +32,7 @@ from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
-from streaming.ops import admission, auth
+from streaming.ops import admission, auth, tls
 from streaming.ops.config import Config, check_language, check_translation
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
@@ -81,8 +82,12 @@ class Gateway:
         config: Config,
         load_engine: Callable[[], Engine],
         load_refine_engine: Callable[[], Engine] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
+        # TLS of the WebSocket/HTTP and REST ports (server.tls_cert/tls_key); built by `start`
+        # when not given. AudioSocket stays plain TCP: Asterisk speaks no TLS there.
+        self.tls = tls_context
         self.load_engine = load_engine
         self.load_refine_engine = load_refine_engine
         self.scheduler: Scheduler | None = None
@@ -120,6 +125,8 @@ class Gateway:
 
     async def start(self) -> WebSocketServer:
         server = self.config.server
+        if self.tls is None and server.tls_cert:  # TlsError before any port opens
+            self.tls = tls.server_context(server.tls_cert, server.tls_key)
         self.server = await WebSocketServer(
             self.handle,
             process_request=self.process_request,
@@ -127,17 +134,24 @@ class Gateway:
             max_size=server.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
-        ).start(server.host, server.port)
+        ).start(server.host, server.port, ssl=self.tls)
         if server.audiosocket_port:
             self.audiosocket = await audiosocket.serve(
                 self, server.audiosocket_host, server.audiosocket_port
             )
         if server.http_port >= 0:
             self.rest = RestServer(self)
-            await self.rest.start(server.host, server.http_port)
+            await self.rest.start(server.host, server.http_port, ssl_context=self.tls)
         self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
         self._watch()
         return self.server
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: load server.tls_cert/tls_key again into the live context. New connections get
+        the new pair, open ones keep theirs; a bad pair logs a warning and the old one stays."""
+        if self.tls is None:
+            return False
+        return tls.reload(self.tls, self.config.server.tls_cert, self.config.server.tls_key)
 
     def _watch(self) -> None:
         """Every WATCHDOG_S, each connection checks its clocks: one timer for the server, as
@@ -394,12 +408,13 @@ async def run(
     load_engine: Callable[[], Engine],
     on_ready: Callable[[Gateway], None] | None = None,
     load_refine_engine: Callable[[], Engine] | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> str | None:
-    """Serve until SIGTERM/SIGINT, then drain. Returns the reason when the engine (or the refine
-    engine, when `load_refine_engine` is given) could not be loaded (the process should exit with
-    an error), else None. `on_ready` is called once the models are loaded (the port answers
-    /healthz before that)."""
-    gateway = Gateway(config, load_engine, load_refine_engine)
+    """Serve until SIGTERM/SIGINT, then drain; with TLS on, SIGHUP reloads the certificate.
+    Returns the reason when the engine (or the refine engine, when `load_refine_engine` is given)
+    could not be loaded (the process should exit with an error), else None. `on_ready` is called
+    once the models are loaded (the port answers /healthz before that)."""
+    gateway = Gateway(config, load_engine, load_refine_engine, tls_context)
     await gateway.start()
     http_port = gateway.rest.port if gateway.rest is not None else None
     loop = asyncio.get_running_loop()
@@ -409,12 +424,15 @@ async def run(
             "host": config.server.host,
             "port": gateway.port,
             "http_port": http_port,
+            "tls": gateway.tls is not None,
             "event_loop": loop_name(loop),
         },
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if gateway.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait((stopping, gateway.loading), return_when=asyncio.FIRST_COMPLETED)
     if gateway.engine_error is None:

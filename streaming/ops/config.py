@@ -44,12 +44,14 @@ def setting(
     le: float | None = None,
     allowed: tuple[Any, ...] | None = None,
     below: str | None = None,
+    paired: str | None = None,
 ) -> Any:
     """A section field whose limits live next to its default, for the generic validator.
 
     `choices` match case-insensitively; `pattern` must match the whole value and `expect` says in
     words what it accepts; `ge`/`gt`/`le` bound numbers; `allowed` lists the only valid numbers;
-    `below` names a field of the same section that this value must stay under.
+    `below` names a field of the same section that this value must stay under; `paired` one that
+    must be set (non-empty) exactly when this one is.
     """
     limits = {
         "choices": choices,
@@ -60,6 +62,7 @@ def setting(
         "le": le,
         "allowed": allowed,
         "below": below,
+        "paired": paired,
     }
     return dataclasses.field(
         default=default, metadata={k: v for k, v in limits.items() if v is not None}
@@ -136,6 +139,10 @@ class ServerConfig:
     caption_sessions: int = setting(100, ge=1)
     caption_cues: int = setting(100000, ge=1)
     event_loop: str = setting("auto", choices=("auto", "uvloop", "asyncio"))
+    # TLS on the WebSocket/HTTP port and the REST port (PEM files; both empty: plain). SIGHUP
+    # reloads them.
+    tls_cert: str = setting("", paired="tls_key")
+    tls_key: str = setting("", paired="tls_cert")
 
 
 # The segmenter's defaults are the session's: declared once, with their reasons, in vad.py.
@@ -472,6 +479,15 @@ def _describe(hint: type, limits: Mapping[str, Any]) -> str:
 def _build(section: str, cls: type, chosen: Mapping[str, tuple[Any, str]]) -> Any:
     """Check limits between fields of one section, then construct it."""
     for field in dataclasses.fields(cls):
+        partner = field.metadata.get("paired")
+        if partner is not None and bool(chosen[field.name][0]) != bool(chosen[partner][0]):
+            given, missing = (
+                (field.name, partner) if chosen[field.name][0] else (partner, field.name)
+            )
+            raise ConfigError(
+                f"{section}.{given} (from {chosen[given][1]}) and {section}.{missing} go "
+                f"together: set both (TLS) or neither (plain)"
+            )
         other = field.metadata.get("below")
         if other is None:
             continue

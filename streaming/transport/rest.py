@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import ssl
 import uuid
 import zlib
 from collections.abc import Hashable
@@ -140,7 +141,7 @@ class RestServer:
         self.gateway = gateway
         self.runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         if not any(isinstance(f, QuietServerLog) for f in server_logger.filters):
             server_logger.addFilter(QuietServerLog())
         app = web.Application()
@@ -149,7 +150,7 @@ class RestServer:
             app, access_log=None, shutdown_timeout=self.gateway.config.server.drain_grace_s
         )
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port).start()
+        await web.TCPSite(self.runner, host, port, ssl_context=ssl_context).start()
 
     @property
     def port(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -247,6 +248,9 @@ class WebSocket(asyncio.Protocol):
                 self.transport.write(data)
             elif self.transport.can_write_eof():
                 self.transport.write_eof()
+            else:  # TLS has no half-close: close (after what is buffered), with close_notify
+                self.transport.close()
+                break
         if self.cut_timer is None and self.protocol.close_expected():
             self.cut_timer = self.loop.call_later(CLOSE_TIMEOUT_S, self._cut)
         if self.waiter is not None and not self.waiter.done() and (
@@ -322,9 +326,12 @@ class WebSocketServer:
         self.connections: set[WebSocket] = set()
         self.server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> WebSocketServer:
+    async def start(
+        self, host: str, port: int, ssl: ssl_module.SSLContext | None = None
+    ) -> WebSocketServer:
+        """Listen; with `ssl`, every connection is TLS (wss://, https://)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: WebSocket(self), host, port)
+        self.server = await loop.create_server(lambda: WebSocket(self), host, port, ssl=ssl)
         return self
 
     @property

@@ -380,7 +380,7 @@ def test_models_names_the_packages_to_install(no_gpu_no_loading, monkeypatch, ca
 def test_serve_flags_reach_the_configuration(monkeypatch):
     seen = {}
 
-    def run(cfg, load, on_ready=None, load_refine_engine=None):
+    def run(cfg, load, on_ready=None, load_refine_engine=None, tls_context=None):
         seen["cfg"], seen["load_refine"] = cfg, load_refine_engine
 
         async def served():

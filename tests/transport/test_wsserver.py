@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 
 import pytest
@@ -117,7 +118,7 @@ def test_close_codes_reach_the_client_and_a_slow_reader_pauses_the_socket():
             async with connect(url) as client:
                 with contextlib.suppress(ConnectionClosed):
                     for _ in range(500):
-                        await client.send(b"\x00" * 3200)
+                        await client.send(os.urandom(3200))  # incompressible: many reads
                 await client.wait_closed()
                 return client.close_code, client.close_reason
         finally:
