@@ -65,7 +65,8 @@ class WebSocket(asyncio.Protocol):
         self.lost = self.loop.create_future()  # the TCP connection is gone
         self.pong_waiter: asyncio.Future | None = None
         self.cut_timer: asyncio.TimerHandle | None = None  # set once a close is under way
-        self.tasks: list[asyncio.Task] = []
+        self.handler: asyncio.Task | None = None  # the server's handler, once accepted
+        self.keepalive: asyncio.Task | None = None
 
     # --- websockets-like API ----------------------------------------------------------------
 
@@ -167,9 +168,8 @@ class WebSocket(asyncio.Protocol):
         self.drain_waiter = None
         if self.cut_timer is not None:
             self.cut_timer.cancel()
-        for task in self.tasks:
-            if task.get_name() == "keepalive":
-                task.cancel()
+        if self.keepalive is not None:
+            self.keepalive.cancel()
 
     def pause_writing(self) -> None:
         if self.drain_waiter is None:
@@ -201,9 +201,9 @@ class WebSocket(asyncio.Protocol):
             response = self.protocol.accept(request)
         self.protocol.send_response(response)
         if self.protocol.state is OPEN:
-            self.tasks.append(self.loop.create_task(self._handle(), name="handler"))
+            self.handler = self.loop.create_task(self._handle())
             if self.server.ping_interval:
-                self.tasks.append(self.loop.create_task(self._keepalive(), name="keepalive"))
+                self.keepalive = self.loop.create_task(self._keepalive())
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -356,6 +356,6 @@ class WebSocketServer:
         """Wait up to `timeout_s` for open connections to close and their handlers to end."""
         await self.server.wait_closed()
         pending = [c.lost for c in list(self.connections)]
-        pending += [t for c in list(self.connections) for t in c.tasks if t.get_name() == "handler"]
+        pending += [c.handler for c in list(self.connections) if c.handler is not None]
         if pending and timeout_s > 0:
             await asyncio.wait(pending, timeout=timeout_s)
