@@ -86,7 +86,7 @@ class WebSocket(asyncio.Protocol):
                 self.woken = False
                 return None
             if self.protocol.close_rcvd is not None or self.lost.done():
-                raise self.protocol.close_exc
+                raise self._closed()
             self.waiter = self.loop.create_future()
             try:
                 await self.waiter
@@ -96,6 +96,16 @@ class WebSocket(asyncio.Protocol):
         if len(self.messages) <= QUEUE_LOW:
             self._resume_reading()
         return message
+
+    def _closed(self) -> ConnectionClosed:
+        """Why no more messages go either way. websockets' `close_exc` exists only once the
+        link is gone; while closing, the exception is built from the close frames so far."""
+        if self.protocol.state is State.CLOSED:
+            return self.protocol.close_exc
+        protocol = self.protocol
+        return ConnectionClosed(
+            protocol.close_rcvd, protocol.close_sent, protocol.close_rcvd_then_sent
+        )
 
     def wake(self) -> None:
         """Make the waiting (or the next waiting) recv() return None: the reader has other work
@@ -119,7 +129,7 @@ class WebSocket(asyncio.Protocol):
     async def send(self, message: str | bytes) -> None:
         """Send one message; waits while the socket's buffer is full (a slow reader)."""
         if self.protocol.state is not OPEN:
-            raise self.protocol.close_exc
+            raise self._closed()
         if isinstance(message, str):
             self.protocol.send_text(message.encode())
         else:
@@ -128,7 +138,7 @@ class WebSocket(asyncio.Protocol):
         while self.drain_waiter is not None and not self.lost.done():
             await asyncio.shield(self.drain_waiter)
         if self.lost.done() and self.protocol.state is not OPEN:
-            raise self.protocol.close_exc
+            raise self._closed()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake and wait for the link to go (cut after a timeout)."""

@@ -157,3 +157,37 @@ def test_a_peer_that_never_answers_pings_is_cut():
 
     received = asyncio.run(main())
     assert received.startswith(b"HTTP/1.1 101") and b"\x89" in received  # a ping frame came
+
+
+def test_recv_after_the_peers_close_frame_raises_connection_closed_before_the_link_goes():
+    seen = {}
+
+    async def handler(ws):
+        try:
+            await ws.recv()
+        except ConnectionClosed as closed:  # not websockets' "connection isn't closed yet"
+            seen["code"] = closed.rcvd.code
+
+    async def main():
+        server, url = await started(handler, ping_interval=None)
+        try:
+            host, port = url.removeprefix("ws://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            await reader.readuntil(b"\r\n\r\n")
+            mask = b"\x01\x02\x03\x04"
+            payload = (1000).to_bytes(2, "big")
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            writer.write(b"\x88\x82" + mask + masked)  # a close frame; the TCP link stays up
+            async with asyncio.timeout(5):
+                while "code" not in seen:
+                    await asyncio.sleep(0.01)
+            writer.close()
+        finally:
+            await stop(server)
+
+    asyncio.run(main())
+    assert seen["code"] == 1000
