@@ -11,6 +11,7 @@ server ended the session because of an error (`SessionError`), or the connection
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import json
@@ -37,6 +38,11 @@ LOST_CLOSES = {
     1013: "the server is overloaded or draining; reconnect",
 }
 _END = object()  # queued after the last message
+# Session resume: after a dropped connection (no close frame), reconnect this many times, waiting
+# these seconds before each try (the last one repeats), within the server's resume window.
+RECONNECT_TRIES = 5
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0)
+RESEND_BUFFER_S = 60.0  # audio kept for resending: what the server may not have received
 # The wire protocol's audio formats, spelled out here so that importing the client loads none of
 # the server (nor scipy): bytes per sample of each encoding, and the sample rates sent as they
 # are; a file at any other rate is resampled to the rate the models take.
@@ -106,8 +112,32 @@ class StreamscribeClient:
     an async context manager; leaving the context normally flushes and waits for
     `session.closed`, leaving it by an exception drops the connection."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(
+        self,
+        ws: ClientConnection,
+        *,
+        url: str = "",
+        headers: Mapping[str, str] | None = None,
+        reconnect: int = RECONNECT_TRIES,
+        open_timeout: float = 10.0,
+    ) -> None:
         self._ws = ws
+        self._url = url
+        self._headers = headers
+        self._open_timeout = open_timeout
+        self.reconnect = reconnect  # tries after a drop (0: a drop ends the session)
+        self.resume_token: str | None = None
+        self.last_seq = 0  # the highest `seq` received: a resume asks for what follows
+        self.resumes = 0  # how many times the session was resumed
+        # Audio sent, kept for resending after a drop: (stream offset, bytes), oldest first,
+        # at most RESEND_BUFFER_S of it; `_audio_sent` is the stream's byte count.
+        self._sent: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._sent_bytes = 0
+        self._audio_sent = 0
+        self._send_lock = asyncio.Lock()
+        self._link_up = asyncio.Event()  # cleared while a dropped connection is being resumed
+        self._link_up.set()
+        self._resender: asyncio.Task | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._started = asyncio.Event()
         self._ended = asyncio.Event()  # session.closed received, or the connection is gone
@@ -130,37 +160,29 @@ class StreamscribeClient:
         sample_rate: int = 16000,
         channels: int = 1,
         open_timeout: float = 10.0,
+        reconnect: int = RECONNECT_TRIES,
         **options: Any,
     ) -> _Connecting:
         """Open a session; returns once `session.started` has arrived.
 
         `options` are session options for the query string (booleans as true/false, lists
-        comma-separated, None left out). A URL without a path gets `/v1/stream`.
+        comma-separated, None left out). A URL without a path gets `/v1/stream`. When the
+        connection drops (no close from the server), the client reconnects up to `reconnect`
+        times and resumes the session (the server's `server.resume_window_s`): the messages it
+        missed arrive in order, then `session.resumed`, and the audio the server did not get is
+        sent again, so `events()` goes on as if nothing happened.
         """
         query = {"encoding": encoding, "sample_rate": sample_rate, "channels": channels}
-        return _Connecting(cls._open(session_url(url, {**query, **options}), api_key, open_timeout))
+        url = session_url(url, {**query, **options})
+        return _Connecting(cls._open(url, api_key, open_timeout, reconnect))
 
     @classmethod
-    async def _open(cls, url: str, api_key: str | None, timeout: float) -> StreamscribeClient:
+    async def _open(
+        cls, url: str, api_key: str | None, timeout: float, reconnect: int = RECONNECT_TRIES
+    ) -> StreamscribeClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-        try:
-            ws = await ws_connect(
-                url,
-                additional_headers=headers,
-                open_timeout=timeout,
-                compression=None,  # PCM hardly compresses; deflate would only cost CPU
-            )
-        except InvalidStatus as err:
-            raise _refused(url, err) from None
-        except InvalidURI as err:
-            raise ConnectionFailed(f"invalid URL {url!r}: {err}") from None
-        except TimeoutError:
-            raise ConnectionFailed(f"cannot connect to {_origin(url)}: timed out") from None
-        except (OSError, InvalidHandshake) as err:
-            errno = getattr(err, "errno", None)
-            reason = os.strerror(errno) if errno else str(err) or type(err).__name__
-            raise ConnectionFailed(f"cannot connect to {_origin(url)}: {reason}") from None
-        client = cls(ws)
+        ws = await _dial(url, headers, timeout)
+        client = cls(ws, url=url, headers=headers, reconnect=reconnect, open_timeout=timeout)
         started = asyncio.create_task(client._started.wait())
         ended = asyncio.create_task(client._ended.wait())
         try:
@@ -208,8 +230,22 @@ class StreamscribeClient:
         return BYTES_PER_SAMPLE[config["encoding"]] * config["sample_rate"] * config["channels"]
 
     async def send_audio(self, data: bytes) -> None:
-        """Send one binary audio frame (20-200 ms is the recommended size)."""
-        await self._send(bytes(data))
+        """Send one binary audio frame (20-200 ms is the recommended size). While a dropped
+        connection is being resumed, the frame is kept and sent once the session is back."""
+        data = bytes(data)
+        if self._closing:
+            raise ClientError("the session is closing; nothing more can be sent")
+        async with self._send_lock:
+            self._keep(data)
+            if not self._link_up.is_set():
+                return  # sent again from the buffer after `session.resumed`
+            try:
+                await self._ws.send(data)
+            except ConnectionClosed:
+                if not self._may_resume():
+                    await self._reader
+                    lost = ConnectionLost("connection closed", self._ws.close_code)
+                    raise self._failure or lost from None
 
     async def finalize(self) -> None:
         """Close open segments now and keep the session (push-to-talk, end of a turn)."""
@@ -245,6 +281,9 @@ class StreamscribeClient:
         """
         if not self._closing and not self._ended.is_set():
             self._closing = True
+            await self._until_linked()
+            if self._resender is not None:
+                await asyncio.gather(self._resender, return_exceptions=True)
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(json.dumps({"type": "close"}))
         await self._ended.wait()
@@ -262,6 +301,7 @@ class StreamscribeClient:
     async def _send(self, frame: str | bytes) -> None:
         if self._closing:
             raise ClientError("the session is closing; nothing more can be sent")
+        await self._until_linked()
         try:
             await self._ws.send(frame)
         except ConnectionClosed:
@@ -277,31 +317,106 @@ class StreamscribeClient:
 
     async def _read(self) -> None:
         last_error: dict | None = None
-        try:
-            async for raw in self._ws:
-                if isinstance(raw, bytes):
-                    continue  # the native protocol's server messages are all JSON text
-                message = json.loads(raw)
-                kind = message.get("type")
-                if kind == "session.started":
-                    self.session_id = message.get("session_id")
-                    self.config = message.get("config", {})
-                    self._started.set()
-                elif kind == "error":
-                    last_error = message
-                self._queue.put_nowait(message)
-                if kind == "session.closed":
-                    self._closed_message = message
-                    self._ended.set()
-        except ConnectionClosed:
-            pass  # why it closed is judged below, from the close code
-        except (json.JSONDecodeError, AttributeError) as err:
-            self._failure = ClientError(f"server sent a message that is not a JSON object: {err}")
-            await self._ws.close()
+        while True:
+            try:
+                async for raw in self._ws:
+                    if isinstance(raw, bytes):
+                        continue  # the native protocol's server messages are all JSON text
+                    message = json.loads(raw)
+                    kind = message.get("type")
+                    seq = message.get("seq")
+                    if isinstance(seq, int):
+                        if seq <= self.last_seq:
+                            continue  # already handed out (a resume sends nothing older)
+                        self.last_seq = seq
+                    if kind == "session.started":
+                        self.session_id = message.get("session_id")
+                        self.config = message.get("config", {})
+                        self.resume_token = message.get("resume_token")
+                        self._started.set()
+                    elif kind == "session.resumed":
+                        self.resumes += 1
+                        self._resender = asyncio.create_task(self._resend(message))
+                    elif kind == "error":
+                        last_error = message
+                    self._queue.put_nowait(message)
+                    if kind == "session.closed":
+                        self._closed_message = message
+                        self._ended.set()
+            except ConnectionClosed:
+                pass  # why it closed is judged below, from the close code
+            except (json.JSONDecodeError, AttributeError) as err:
+                self._failure = ClientError(
+                    f"server sent a message that is not a JSON object: {err}"
+                )
+                await self._ws.close()
+                break
+            if self._closed_message is not None or not self._may_resume():
+                break
+            if not await self._redial():
+                break
         if self._closed_message is None and self._failure is None:
             self._failure = self._judge_close(last_error)
+        self._link_up.set()  # whoever waits for the link learns that it is over
         self._queue.put_nowait(_END)
         self._ended.set()
+
+    def _may_resume(self) -> bool:
+        """The link dropped with no close from the server (not ours, not a refusal), and the
+        server gave a resume token."""
+        return (
+            self.reconnect > 0
+            and self.resume_token is not None
+            and not self._hanging_up
+            and self._closed_message is None
+            and self._ws.close_code in (None, 1006)
+        )
+
+    async def _redial(self) -> bool:
+        """Reconnect with `?resume=TOKEN&last_seq=N`, with backoff; False once every try
+        failed (the session is then lost)."""
+        self._link_up.clear()
+        url = resume_url(self._url, self.resume_token, self.last_seq)
+        for attempt in range(self.reconnect):
+            await asyncio.sleep(RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)])
+            if self._hanging_up:
+                return False
+            try:
+                ws = await _dial(url, self._headers, self._open_timeout)
+            except ConnectionFailed:
+                continue
+            self._ws = ws
+            if self._hanging_up:  # dropped by us meanwhile
+                await ws.close()
+                return False
+            return True
+        return False
+
+    async def _resend(self, resumed: dict) -> None:
+        """After `session.resumed`: send again the audio the server did not get (from its
+        `audio_bytes` on), then let new frames through."""
+        start = int(resumed.get("audio_bytes", self._audio_sent))
+        async with self._send_lock:
+            try:
+                for offset, chunk in list(self._sent):
+                    if offset + len(chunk) > start:
+                        await self._ws.send(chunk[max(0, start - offset) :])
+            except ConnectionClosed:
+                return  # dropped again: the reader resumes once more
+            self._link_up.set()
+
+    def _keep(self, chunk: bytes) -> None:
+        """Remember a sent frame for resending (the last RESEND_BUFFER_S of audio)."""
+        self._sent.append((self._audio_sent, chunk))
+        self._audio_sent += len(chunk)
+        self._sent_bytes += len(chunk)
+        limit = RESEND_BUFFER_S * self.bytes_per_second if self.config else 0
+        while self._sent and self._sent_bytes - len(self._sent[0][1]) >= limit:
+            self._sent_bytes -= len(self._sent.popleft()[1])
+
+    async def _until_linked(self) -> None:
+        """Wait while a dropped connection is being resumed."""
+        await self._link_up.wait()
 
     def _judge_close(self, last_error: dict | None) -> ClientError | None:
         """Why the connection ended without `session.closed`; None when we hung up."""
@@ -339,6 +454,35 @@ class _Connecting:
         tb: TracebackType | None,
     ) -> None:
         await self._client.__aexit__(exc_type, exc, tb)
+
+
+async def _dial(url: str, headers: Mapping[str, str] | None, timeout: float) -> ClientConnection:
+    try:
+        return await ws_connect(
+            url,
+            additional_headers=headers,
+            open_timeout=timeout,
+            compression=None,  # PCM hardly compresses; deflate would only cost CPU
+        )
+    except InvalidStatus as err:
+        raise _refused(url, err) from None
+    except InvalidURI as err:
+        raise ConnectionFailed(f"invalid URL {url!r}: {err}") from None
+    except TimeoutError:
+        raise ConnectionFailed(f"cannot connect to {_origin(url)}: timed out") from None
+    except (OSError, InvalidHandshake) as err:
+        errno = getattr(err, "errno", None)
+        reason = os.strerror(errno) if errno else str(err) or type(err).__name__
+        raise ConnectionFailed(f"cannot connect to {_origin(url)}: {reason}") from None
+
+
+def resume_url(url: str, token: str, last_seq: int) -> str:
+    """The session's URL to resume it: `/v1/stream?resume=TOKEN&last_seq=N` (the session's
+    options are the server's already; only credentials in the query are kept)."""
+    parts = urlsplit(url)
+    kept = [(k, v) for k, v in parse_qsl(parts.query) if k in ("api_key", "token")]
+    query = urlencode([*kept, ("resume", token), ("last_seq", str(last_seq))])
+    return urlunsplit(parts._replace(query=query))
 
 
 def session_url(url: str, options: Mapping[str, Any]) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from clients.client import (
     DEFAULT_URL,
+    RECONNECT_TRIES,
     ClientError,
     SessionEndedEarly,
     SessionError,
@@ -76,6 +77,14 @@ def add_stream_command(
     )
     stream.add_argument("--channels", type=int, help="raw stdin only: 1 (default) or 2")
     stream.add_argument(
+        "--reconnect",
+        type=_reconnect,
+        default=RECONNECT_TRIES,
+        metavar="N",
+        help=f"after a dropped connection, tries to resume the session ({RECONNECT_TRIES}; "
+        "0: a drop ends the stream)",
+    )
+    stream.add_argument(
         "--frame-ms", type=_frame_ms, default=100, metavar="MS", help="audio per frame (100)"
     )
     stream.add_argument(
@@ -89,6 +98,13 @@ def add_stream_command(
     )
     stream.set_defaults(run=run_stream)
     return stream
+
+
+def _reconnect(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError("must be 0..100")
+    return number
 
 
 def _frame_ms(value: str) -> int:
@@ -141,6 +157,14 @@ def run_stream(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+def _say_resumed(event: dict) -> None:
+    print(
+        f"streamscribe stream: connection lost for {event['gap_ms'] / 1000:.1f} s; "
+        f"session resumed at {event['audio_ms'] / 1000:.1f} s of audio",
+        file=sys.stderr,
+    )
+
+
 def _fail(message: str, status: int = EXIT_USAGE) -> int:
     print(f"streamscribe stream: error: {message}", file=sys.stderr)
     return status
@@ -150,7 +174,11 @@ async def _stream(args: argparse.Namespace, raw: AudioFormat | None, out: TextIO
     """Stream a file, or stdin in the `raw` format, and print; returns the exit status."""
     stop = asyncio.Event()
     _on_interrupt(stop)
-    options: dict[str, Any] = {"api_key": args.api_key, **dict(args.option)}
+    options: dict[str, Any] = {
+        "api_key": args.api_key,
+        "reconnect": args.reconnect,
+        **dict(args.option),
+    }
     meter = LevelMeter(raw.encoding if raw is not None else "pcm_s16le")
     if raw is not None:
         size = raw.frame_bytes * max(1, raw.sample_rate * args.frame_ms // 1000)
@@ -303,6 +331,8 @@ class JsonPrinter:
     def __call__(self, event: dict) -> None:
         self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
         self.out.flush()
+        if event.get("type") == "session.resumed":
+            _say_resumed(event)
 
     def finish(self) -> None:
         pass
@@ -339,6 +369,11 @@ class TextPrinter:
             if event["text"]:
                 self._clear()
                 self.out.write(f"{self._prefix(event['channel'])}{event['text']}\n")
+            self._draw()
+        elif kind == "session.resumed":
+            self._clear()
+            self.out.flush()
+            _say_resumed(event)
             self._draw()
         elif kind == "error":
             self._clear()

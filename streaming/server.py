@@ -12,27 +12,31 @@ import asyncio
 import contextlib
 import http
 import importlib.resources
+import json
 import logging
 import re
 import signal
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from engine.api import Engine, ModelLoadError, engine_languages, engine_translations
 from engine.scheduler import Scheduler
 from streaming.core.captions import CaptionStore, to_srt, to_vtt
-from streaming.core.close_codes import CLOSE_INTERNAL
+from streaming.core.close_codes import CLOSE_INTERNAL, CLOSE_RESUME_FAILED
+from streaming.core.events import ErrorEvent
 from streaming.dialects.audiofork import AudioForkDialect
 from streaming.dialects.base import Dialect
 from streaming.dialects.deepgram import DeepgramDialect
 from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
-from streaming.ops import admission, auth, tls
+from streaming.ops import access, admission, auth, limits, tls, tokens
 from streaming.ops.config import Config, check_language, check_translation
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
@@ -40,7 +44,7 @@ from streaming.transport.calls import CallHub, call_events_id
 from streaming.transport.eventloop import loop_name
 from streaming.transport.registry import StreamRegistry
 from streaming.transport.rest import RestServer
-from streaming.transport.websocket import WATCHDOG_S, Connection
+from streaming.transport.websocket import WATCHDOG_S, Connection, ResumeRefused
 from streaming.transport.wsserver import WebSocket, WebSocketServer
 
 log = logging.getLogger("streaming.server")
@@ -52,7 +56,9 @@ ROUTES: dict[str, Callable[[], Dialect]] = {
     "/v1/telephony/twilio": TwilioDialect,
     "/v1/telephony/audiofork": AudioForkDialect,
 }
+RESUME_PATH = "/v1/stream"  # the dialect whose streams can be resumed (server.resume_window_s)
 # A session's pop-on captions so far, running or finished: ?channel=N keeps one channel's cues.
+CLIENT_CONFIG_PATH = "/v1/client-config"  # open: {"rest_port", "auth"} for the browser page
 CAPTIONS_PATH = re.compile(r"/v1/sessions/([0-9A-Za-z_-]+)/captions\.(vtt|srt)")
 CAPTION_FILES = {
     "vtt": (to_vtt, "text/vtt; charset=utf-8"),
@@ -96,6 +102,13 @@ class Gateway:
         self.draining = False
         self.keys = auth.parse_keys(config.server.api_keys)
         self.guard = auth.Guard(self.keys)  # both ports: the same keys and bad-key throttle
+        # Keys or the tokens they mint (TokenSecretError, a ConfigError, stops start-up), and
+        # the keys' stream and audio limits (server.key_limits; none while keys are off).
+        secret = tokens.load_secret(config.server.token_secret, config.server.token_secret_file)
+        self.access = access.Access(self.guard, tokens.Signer(secret))
+        self.limits = limits.Limits.build(
+            config.server.key_limits, self.keys, self.access.signer.key_id
+        )
         self.server: WebSocketServer | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.engine_error: str | None = None
@@ -221,8 +234,14 @@ class Gateway:
                 return _text(http.HTTPStatus.OK, "ready\n")
             why = self.engine_error or ("draining" if self.draining else "not ready")
             return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
+        if path == CLIENT_CONFIG_PATH:  # open: where the browser page gets a token
+            rest_port = self.rest.port if self.rest is not None else None
+            body = json.dumps({"rest_port": rest_port, "auth": self.access.enabled})
+            response = _text(http.HTTPStatus.OK, body + "\n", "application/json")
+            response.headers["Access-Control-Allow-Origin"] = "*"
+            return response
         if path == "/metrics":
-            denied = self._denied(connection, request)
+            denied = self._denied(connection, request, tokens.METRICS)
             if denied is not None:
                 return denied
             return _text(
@@ -232,16 +251,19 @@ class Gateway:
             )
         captions = CAPTIONS_PATH.fullmatch(path)
         if captions is not None:
-            denied = self._denied(connection, request)
+            denied = self._denied(connection, request, tokens.CAPTIONS)
             return denied or self._captions_file(*captions.groups(), request)
         if path == "/" or path.startswith("/web/"):
             return _web_file("index.html" if path == "/" else path[len("/web/") :])
         if path not in ROUTES and call_events_id(path) is None:
             return _text(http.HTTPStatus.NOT_FOUND, f"no such endpoint: {path}\n")
-        denied = self._denied(connection, request)
+        scope = tokens.STREAM if path in ROUTES else tokens.CALLS
+        denied = self._denied(connection, request, scope)
         if denied is not None:
             return denied
         reason = self.refusal()
+        if reason == "capacity" and _resumes(path, request):
+            reason = None  # the stream it takes over holds its slot already
         if reason is not None:
             self.metrics.rejections.labels(reason).inc()
             response = _text(http.HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {reason}\n")
@@ -249,26 +271,36 @@ class Gateway:
             return response
         return None
 
-    def _denied(self, connection: WebSocket, request: Request) -> Response | None:
-        """401 for a missing or wrong API key (when keys are set), 429 + Retry-After once the
-        client's address sent too many bad ones; None lets the request in."""
-        offered = auth.offered_key(
+    def _denied(
+        self, connection: WebSocket, request: Request, scope: str = tokens.STREAM
+    ) -> Response | None:
+        """401 for a missing or wrong API key or token (when keys are set; the body says why),
+        429 + Retry-After once the client's address sent too many bad ones, or, for a stream,
+        when its key has all its streams open or its day's audio spent; None lets the request
+        in (a stream then holds one of its key's slots until its connection ends)."""
+        offered = access.offered(
             request.headers.get("Authorization", ""),
             _offered_subprotocols(request.headers),
             urlsplit(request.path).query,
         )
         peer = connection.transport.get_extra_info("peername") if connection.transport else None
         client = str(peer[0]) if peer else ""
-        denial = self.guard.check(offered, client, asyncio.get_running_loop().time())
-        if denial is None:
+        now = asyncio.get_running_loop().time()
+        verdict = self.access.check(offered, client, now, time.time(), scope)
+        if isinstance(verdict, access.Denial):
+            self.metrics.rejections.labels("auth").inc()
+            if verdict.retry_after is None:
+                return _text(http.HTTPStatus.UNAUTHORIZED, f"{verdict.reason}\n")
+            return _too_many(verdict.reason, verdict.retry_after)
+        connection.key_id = verdict.key_id  # a resume must come with the same key
+        if scope != tokens.STREAM or verdict.key_id is None:
             return None
-        self.metrics.rejections.labels("auth").inc()
-        _, retry_after = denial
-        if retry_after is None:
-            return _text(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
-        response = _text(http.HTTPStatus.TOO_MANY_REQUESTS, "too many invalid API keys\n")
-        response.headers["Retry-After"] = str(retry_after)
-        return response
+        refusal = self.limits.hold(connection, verdict.key_id, verdict.max_streams)
+        if refusal is not None:
+            self.metrics.rejections.labels("key_limit").inc()
+            return _too_many(refusal.reason, refusal.retry_after)
+        connection.lost.add_done_callback(lambda _: self.limits.release(connection))
+        return None
 
     def _captions_file(self, session_id: str, kind: str, request: Request) -> Response:
         """The session's cues in programme time (audio time + its timecode_origin_ms)."""
@@ -294,9 +326,37 @@ class Gateway:
         if call_id is not None:
             await self.calls.serve(ws, call_id)
             return
-        dialect = ROUTES[parts.path]()
         query = _query(parts.query)
+        if parts.path == RESUME_PATH and "resume" in query:
+            await self._resume(ws, query)
+            return
+        dialect = ROUTES[parts.path]()
         await self.run_connection(ws, dialect, query)
+
+    async def _resume(self, ws: WebSocket, query: dict[str, str]) -> None:
+        """`/v1/stream?resume=TOKEN&last_seq=N`: take over a stream whose client went away
+        within server.resume_window_s; an unknown token, an ended stream or a bad last_seq
+        gets `error` resume_failed and close 4005."""
+        connection = self.connections.by_resume_token(query["resume"])
+        last_seq = query.get("last_seq", "0")
+        try:
+            if connection is None:
+                raise ResumeRefused(
+                    "no session to resume with this token: unknown, or ended (a session is "
+                    f"kept {self.config.server.resume_window_s:g} s after its client goes)"
+                )
+            if ws.key_id != connection.key_id:
+                raise ResumeRefused("the session was opened with another API key")
+            if not last_seq.isdigit():
+                raise ResumeRefused(f"last_seq must be a whole number, got {last_seq!r}")
+            await connection.resume(ws, int(last_seq))
+        except ResumeRefused as err:
+            self.metrics.rejections.labels("resume").inc()
+            refusal = ErrorEvent("resume_failed", str(err), fatal=True)
+            with contextlib.suppress(ConnectionClosed):
+                for frame in NativeDialect().encode(refusal):
+                    await ws.send(frame)
+                await ws.close(CLOSE_RESUME_FAILED, "resume_failed")
 
     async def run_connection(
         self,
@@ -314,7 +374,9 @@ class Gateway:
             self.metrics,
             self.calls,
             captions=self.captions,
+            quota=self.limits.meter(ws),  # its key's audio allowance (None: unlimited)
         )
+        connection.on_end = self._ended  # after its last link, or its resume window
         self.connections.register(connection)
         self.metrics.sessions.labels(dialect.name).inc()
         self.metrics.sessions_active.inc()
@@ -323,9 +385,10 @@ class Gateway:
         except Exception:
             log.exception("connection failed", extra={"session": connection.id})
             await ws.close(CLOSE_INTERNAL, "internal error")
-        finally:
-            self.connections.unregister(connection)
-            self.metrics.sessions_active.dec()
+
+    def _ended(self, connection: Connection) -> None:
+        self.connections.unregister(connection)
+        self.metrics.sessions_active.dec()
 
     async def drain(self) -> None:
         """Refuse new streams, flush every open one, deliver its finals, then stop, all within
@@ -374,6 +437,12 @@ def _query(text: str) -> dict[str, str]:
     return {key: ",".join(items) for key, items in values.items()}
 
 
+def _too_many(reason: str, retry_after: int) -> Response:
+    response = _text(http.HTTPStatus.TOO_MANY_REQUESTS, f"{reason}\n")
+    response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
 def _text(status: http.HTTPStatus, body: str, content_type: str = "text/plain; charset=utf-8"):
     headers = Headers([("Content-Type", content_type), ("Connection", "close")])
     return Response(status.value, status.phrase, headers, body.encode())
@@ -391,16 +460,22 @@ def _web_file(name: str) -> Response:
     return Response(http.HTTPStatus.OK.value, http.HTTPStatus.OK.phrase, headers, file.read_bytes())
 
 
+def _resumes(path: str, request: Request) -> bool:
+    return path == RESUME_PATH and "resume" in dict(parse_qsl(urlsplit(request.path).query))
+
+
 def _offered_subprotocols(headers: Headers) -> list[str]:
     values = headers.get_all("Sec-WebSocket-Protocol")
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
 def _select_subprotocol(connection: WebSocket, offered: Sequence[str]) -> str | None:
-    """Answer `token` (or `bearer`) to a browser that sent its key as subprotocols (a browser
-    drops a connection whose server picks none of those it offered); other clients continue
-    without a subprotocol."""
-    return next((name for name in offered if name.lower() in auth.AUTH_SUBPROTOCOLS), None)
+    """Answer `token.TOKEN` to a browser that sent a token that way, or `token` (or `bearer`)
+    to one that sent its key as subprotocols (a browser drops a connection whose server picks
+    none of those it offered); other clients continue without a subprotocol."""
+    return access.token_subprotocol(offered) or next(
+        (name for name in offered if name.lower() in auth.AUTH_SUBPROTOCOLS), None
+    )
 
 
 async def run(

@@ -2,7 +2,7 @@
 // finals, the current partial (stable text plain, volatile tail styled apart), roll-up captions
 // and the live figures.
 import { CommittedWords, RollUp, segmentKey } from "./captions.js";
-import { defaultStreamUrl, StreamSession, streamUrl } from "./session.js";
+import { defaultStreamUrl, StreamSession, streamProtocols, streamUrl } from "./session.js";
 import { decodeFile, playAtRealTime, startMicrophone } from "./sources.js";
 
 const $ = (id) => document.getElementById(id);
@@ -61,7 +61,7 @@ function resetView() {
 function open(kind) {
   let url;
   try {
-    url = streamUrl(ui.url.value.trim(), ui.key.value.trim());
+    url = streamUrl(ui.url.value.trim());
   } catch {
     setState(`not a server URL: ${ui.url.value}`, "error");
     return null;
@@ -80,7 +80,10 @@ function open(kind) {
     serverCaptions: false,
   };
   renderCaptions(run, "built in the page");
+  const key = ui.key.value.trim();
   run.session = new StreamSession(url, {
+    protocols: streamProtocols(url, key), // a token for the key, if one is given
+    renewProtocols: () => streamProtocols(url, key), // a fresh one to resume after a drop
     onMessage: (message) => show(run, message),
     onEnd: (reason) => finish(run, reason),
   });
@@ -180,6 +183,13 @@ function show(run, message) {
       lagQuiet = setTimeout(() => {
         ui.lag.textContent = "caught up";
       }, LAG_QUIET_MS);
+      break;
+    case "session.resumed":
+      run.resumes = (run.resumes ?? 0) + 1;
+      setState(
+        `streaming (${run.kind}); resumed after ${(message.gap_ms / 1000).toFixed(1)} s offline`,
+        "streaming",
+      );
       break;
     case "error":
       setState(`server error ${message.code}: ${message.message}`, "error");

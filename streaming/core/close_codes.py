@@ -10,3 +10,4 @@ CLOSE_TRY_AGAIN = 1013  # overloaded or the drain grace ran out: reconnect later
 CLOSE_BAD_CONFIG = 4001  # invalid session configuration or audio format
 CLOSE_BAD_SEQUENCE = 4002  # messages in an order the protocol does not allow
 CLOSE_NO_CALL = 4004  # no such call to subscribe to (it did not start within the hold time)
+CLOSE_RESUME_FAILED = 4005  # no session to resume (unknown token, ended) or a bad last_seq

@@ -119,6 +119,18 @@ class ErrorEvent:
 
 
 @dataclass(frozen=True)
+class SessionResumed:
+    """A client took a stream over after a disconnect: the events it missed were sent again
+    just before this one; it resends its audio from byte `audio_bytes` of the stream."""
+
+    gap_ms: int  # wall time the stream had no client
+    audio_bytes: int  # audio bytes received so far: the client resends what follows
+    audio_ms: int
+    replayed: int  # events sent again (those after the client's last_seq that were kept)
+    dropped: int  # events after last_seq no longer kept (server.resume_buffer_events)
+
+
+@dataclass(frozen=True)
 class SessionClosed:
     audio_ms: int
     segments: int
@@ -163,6 +175,7 @@ Event = (
     | TranslatedTranscript
     | Status
     | ErrorEvent
+    | SessionResumed
     | SessionClosed
     | CaptionAppend
     | CaptionCue

@@ -11,6 +11,8 @@ sans-I/O protocol objects.
 
 from __future__ import annotations
 
+import secrets
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -20,8 +22,15 @@ from streaming.core.close_codes import (
     CLOSE_BAD_SEQUENCE,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
+    CLOSE_POLICY,
 )
-from streaming.core.events import EngineRequest, ErrorEvent, Event, SessionClosed
+from streaming.core.events import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    SessionClosed,
+    SessionResumed,
+)
 from streaming.core.session import Output, Session
 from streaming.core.stability import StabilityConfig
 from streaming.dialects.base import (
@@ -104,11 +113,14 @@ class StreamProtocol:
         observer: Observer | None = None,
         refine_model: bool = False,
         translations: frozenset[str] = frozenset(),
+        quota: Callable[[int], str | None] | None = None,
     ) -> None:
         """`languages`: what the engine transcribes (None: any); `backlog`: the scheduler's
         (lag ms, queued audio ms), looked at once a second for `status`; `refine_model`: a
         refine model is loaded (finals may be refined); `translations`: what it translates
-        into (a session's `translate_to`)."""
+        into (a session's `translate_to`); `quota`: told the stream's audio so far once a
+        second (and at the end), it answers why the stream must stop (its key's audio
+        allowance is spent: `error` then close 1008), or None."""
         self.id = session_id
         self.dialect = dialect
         self.query = query
@@ -116,6 +128,7 @@ class StreamProtocol:
         self.languages = languages
         self.backlog = backlog
         self.observer = observer if observer is not None else Unobserved()
+        self.quota = quota
         self.max_pending = config.server.max_pending_finals
         self.session: Session | None = None
         self.audio_seen = False
@@ -131,6 +144,16 @@ class StreamProtocol:
         # a busy engine (a segment's refine and translation are timed apart)
         self.refine_due: dict[tuple[int, int, str | None], tuple[float, EngineRequest]] = {}
         self.now = now
+        # Session resume: a resumable stream keeps its last messages (with their seq) for a
+        # client that reconnects, and counts the audio bytes it took, so that the client
+        # resends exactly what was lost; `detached_at` is when its client went away.
+        server = config.server
+        self.resumable = dialect.resumable and server.resume_window_s > 0
+        self.replay: deque[tuple[int, str | bytes]] = deque(maxlen=server.resume_buffer_events)
+        self.audio_bytes = 0
+        self.detached_at: float | None = None
+        if self.resumable:
+            dialect.resume_token = secrets.token_urlsafe(24)
         self._send: list[str | bytes] = []
         self._submit: list[EngineRequest] = []
         self._publish: list[Event] = []
@@ -223,6 +246,40 @@ class StreamProtocol:
         )
         return self._take()
 
+    def detach(self, now: float) -> None:
+        """The client went away without closing: the stream lives on (its audio is still
+        transcribed, its messages kept) until `resume` or `expire`."""
+        self.detached_at = now
+
+    def resume(self, last_seq: int, now: float) -> tuple[list[str | bytes], Actions]:
+        """A client takes the stream over, having received every message up to `last_seq`:
+        the kept messages after it, to send first, then `session.resumed` (new seq)."""
+        if not 0 <= last_seq <= self.dialect.seq:
+            raise ValueError(f"last_seq must be 0 to {self.dialect.seq}, got {last_seq}")
+        missed = [frame for seq, frame in self.replay if seq > last_seq]
+        first_kept = self.replay[0][0] if self.replay else self.dialect.seq + 1
+        detached = self.detached_at if self.detached_at is not None else now
+        self.detached_at = None
+        self.last_message = self.now = now  # the idle clock restarts with the new client
+        session = self.session
+        self._event(
+            SessionResumed(
+                gap_ms=round((now - detached) * 1000),
+                audio_bytes=self.audio_bytes,
+                audio_ms=session.audio_ms,
+                replayed=len(missed),
+                dropped=max(0, first_kept - last_seq - 1),
+            )
+        )
+        return missed, self._take()
+
+    def expire(self) -> Actions:
+        """No client came back within the resume window: flush the session (its finals go to
+        the call's subscribers, the caption store and the metrics) and close it."""
+        if self.reading:
+            self._out(self.session.close("resume_expired"))
+        return self._take()
+
     def hangup(self) -> Actions:
         """The connection dropped while the stream carries a call: the dialect's hang-up
         commands flush it, so the call's subscribers still get the last finals."""
@@ -266,6 +323,8 @@ class StreamProtocol:
         if self.session is None:
             return []
         self.observer.audio(self.session.audio_ms)
+        if self.quota is not None:
+            self.quota(self.session.audio_ms)
         return [
             (self.id, channel.index, segment_id)
             for channel in self.session.channels
@@ -302,6 +361,7 @@ class StreamProtocol:
         """Audio into the session, then the dialect's messages now due, and a `status` when the
         engine is behind."""
         self.audio_seen = True
+        self.audio_bytes += len(data)
         session = self.session
         outputs = session.feed_audio(data)
         if outputs:
@@ -320,6 +380,11 @@ class StreamProtocol:
         self.last_status = now
         session = self.session
         self.observer.audio(session.audio_ms)
+        if self.quota is not None:
+            over = self.quota(session.audio_ms)
+            if over is not None:
+                self._fail("quota_exceeded", over, CLOSE_POLICY)
+                return
         lag_ms, queued_ms = self.backlog()
         if lag_ms >= self.config.server.status_lag_ms:
             self._out(session.status(lag_ms, queued_ms))
@@ -404,7 +469,11 @@ class StreamProtocol:
         self.observer.event(event, session.audio_ms if session is not None else 0)
         if self.dialect.call_id:
             self._publish.append(event)
-        self._send += self.dialect.encode(event)
+        frames = self.dialect.encode(event)
+        if frames:
+            self._send += frames
+            if self.resumable:
+                self.replay.append((self.dialect.seq, frames[-1]))
         if isinstance(event, SessionClosed):
             self._close = (CLOSE_NORMAL if self.drain_at is None else CLOSE_GOING_AWAY, "")
 

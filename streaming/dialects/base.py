@@ -97,6 +97,11 @@ class Dialect(ABC):
     # not, a refine pass holds the final back and sends the refined text as the final.
     refined_messages: bool = False
     channel_labels: tuple[str, ...] = ()  # the call's name for each channel
+    # Session resume (server.resume_window_s): a resumable dialect numbers its messages with
+    # `seq` (one message per event) and names the stream's `resume_token` when it starts.
+    resumable: bool = False
+    resume_token: str | None = None
+    seq: int = 0
 
     @abstractmethod
     def opening(self, query: Mapping[str, str]) -> Opening: ...

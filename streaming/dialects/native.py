@@ -19,6 +19,7 @@ from streaming.core.events import (
     PartialTranscript,
     RefinedTranscript,
     SessionClosed,
+    SessionResumed,
     SessionStarted,
     SpeechStarted,
     SpeechStopped,
@@ -49,6 +50,9 @@ UPDATABLE = {
     "language",
 }
 
+# Query keys that are credentials, not session options.
+NOT_OPTIONS = ("hotwords", "api_key", "token")
+
 
 def words_json(words) -> list[dict]:
     return [
@@ -76,12 +80,13 @@ class NativeDialect(Dialect):
     name = "native"
     binary_audio = True
     refined_messages = True
+    resumable = True
 
     def __init__(self) -> None:
         self.seq = 0
 
     def opening(self, query: Mapping[str, str]) -> Opening:
-        options = {k: v for k, v in query.items() if k not in ("hotwords", "api_key")}
+        options = {k: v for k, v in query.items() if k not in NOT_OPTIONS}
         hotwords = split_hotwords(query["hotwords"]) if "hotwords" in query else ()
         return Opening(options, hotwords)
 
@@ -140,14 +145,13 @@ class NativeDialect(Dialect):
         self.seq += 1
         return [json.dumps({"type": message.pop("type"), "seq": self.seq, **message})]
 
-    @staticmethod
-    def _message(event: Event) -> dict | None:
+    def _message(self, event: Event) -> dict | None:
         if isinstance(event, SessionStarted):
             return {
                 "type": "session.started",
                 "session_id": event.session_id,
                 "config": event.options,
-                "resume_token": None,
+                "resume_token": self.resume_token,
             }
         if isinstance(event, SpeechStarted):
             return {
@@ -249,6 +253,15 @@ class NativeDialect(Dialect):
                 "start_tc": event.start_tc,
                 "end_tc": event.end_tc,
                 "lines": event.lines,
+            }
+        if isinstance(event, SessionResumed):
+            return {
+                "type": "session.resumed",
+                "gap_ms": event.gap_ms,
+                "audio_bytes": event.audio_bytes,
+                "audio_ms": event.audio_ms,
+                "replayed": event.replayed,
+                "dropped": event.dropped,
             }
         if isinstance(event, SessionClosed):
             return {

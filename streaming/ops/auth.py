@@ -1,13 +1,12 @@
-"""API keys, decided in one place for both ports (WebSocket/GET and REST), so that every endpoint
-reads the offered key the same way, compares it in constant time, and throttles guessing."""
+"""API keys: parsed, compared in constant time, and guessing throttled by client address; the
+one rule for what a request offers (a key or a token, on both ports) is streaming/ops/access.py."""
 
 from __future__ import annotations
 
 import hmac
 import math
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
-from urllib.parse import parse_qsl
+from collections.abc import Collection
 
 AUTH_SCHEMES = ("bearer", "token")  # `Authorization: Bearer KEY` or `Token KEY`
 AUTH_SUBPROTOCOLS = ("token", "bearer")  # browsers: new WebSocket(url, ["token", KEY])
@@ -20,18 +19,6 @@ MAX_CLIENTS = 10000  # addresses remembered; the least recently failed one goes 
 def parse_keys(text: str) -> frozenset[str]:
     """The keys of `server.api_keys` (comma-separated; empty items ignored)."""
     return frozenset(key.strip() for key in text.split(",") if key.strip())
-
-
-def offered_key(authorization: str, subprotocols: Sequence[str], query: str) -> str | None:
-    """The key a request offers: `Authorization: Bearer KEY` (or `Token KEY`), else the
-    subprotocols `token, KEY` (or `bearer, KEY`) that browsers can send, else `?api_key=KEY`
-    for clients that cannot set headers (browsers' fetch of a file, EventSource)."""
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() in AUTH_SCHEMES and value.strip():
-        return value.strip()
-    if len(subprotocols) == 2 and subprotocols[0].lower() in AUTH_SUBPROTOCOLS:
-        return subprotocols[1]
-    return dict(parse_qsl(query)).get("api_key")
 
 
 def key_ok(offered: str | None, keys: Collection[str]) -> bool:
@@ -87,21 +74,8 @@ class Throttle:
 
 
 class Guard:
-    """The keys of one server and their throttle: `check` decides a request."""
+    """The keys of one server and their throttle (streaming/ops/access.py decides requests)."""
 
     def __init__(self, keys: frozenset[str], throttle: Throttle | None = None) -> None:
         self.keys = keys
         self.throttle = throttle if throttle is not None else Throttle()
-
-    def check(self, offered: str | None, client: str, now: float) -> tuple[int, int | None] | None:
-        """None to let the request in; else (HTTP status, Retry-After seconds or None): 401 for
-        a missing or wrong key, 429 while the client is blocked for too many of them."""
-        if not self.keys:
-            return None
-        retry = self.throttle.retry_after(client, now)
-        if retry is not None:
-            return 429, retry
-        if key_ok(offered, self.keys):
-            return None
-        self.throttle.failed(client, now)
-        return 401, None

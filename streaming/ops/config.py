@@ -143,6 +143,22 @@ class ServerConfig:
     # reloads them.
     tls_cert: str = setting("", paired="tls_key")
     tls_key: str = setting("", paired="tls_cert")
+    # Short-lived signed tokens (POST /v1/auth/token): the HMAC secret, given inline or as a file
+    # (empty both: a random secret per process, so tokens end with it), and the longest ttl_s.
+    token_secret: str = ""
+    token_secret_file: str = ""
+    token_max_ttl_s: float = setting(3600.0, gt=0, le=86400)
+    # Per-key limits: "KEY:STREAMS:HOURS" items, comma-separated; KEY `*` applies to every key
+    # without its own item; 0 = unlimited (concurrent streams; audio hours per UTC day).
+    key_limits: str = setting(
+        "",
+        pattern=r"\s*|[^:,\s]+:\d+:\d+(\.\d+)?(\s*,\s*[^:,\s]+:\d+:\d+(\.\d+)?)*\s*",
+        expect='empty (no limits) or "KEY:STREAMS:HOURS" items, comma-separated, e.g. "*:4:10"',
+    )
+    # Session resume (native protocol): how long a stream outlives an abrupt disconnect (0 = off),
+    # and how many of its events are kept for a reconnecting client.
+    resume_window_s: float = setting(30.0, ge=0, le=3600)
+    resume_buffer_events: int = setting(500, ge=10)
 
 
 # The segmenter's defaults are the session's: declared once, with their reasons, in vad.py.

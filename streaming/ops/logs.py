@@ -14,11 +14,14 @@ from datetime import datetime, timezone
 
 from streaming.ops.config import LoggingConfig
 
-# API keys as libraries may log them at debug level (websockets logs every request line and
-# header): `?api_key=KEY`, `Authorization: Bearer KEY`, `Sec-WebSocket-Protocol: token, KEY`.
+# API keys and tokens as libraries may log them at debug level (websockets logs every request
+# line and header, its answer's too): `?api_key=KEY`, `?token=TOKEN` (and any other `*token=`
+# parameter, such as a resume token), `Authorization: Bearer KEY`, `Sec-WebSocket-Protocol:
+# token, KEY` and `Sec-WebSocket-Protocol: token.TOKEN`.
 _SECRETS = re.compile(
-    r"(?i)(api_key=)[^&\s'\"]*|(authorization:\s*)[^\r\n'\"]*"
+    r"(?i)(api_key=|token=)[^&\s'\"]*|(authorization:\s*)[^\r\n'\"]*"
     r"|(sec-websocket-protocol:\s*(?:token|bearer)\s*,\s*)[^\r\n'\",]*"
+    r"|(sec-websocket-protocol:[^\r\n'\"]*?\btoken\.)[^\r\n'\",\s]*"
 )
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.

@@ -50,6 +50,13 @@ class Metrics:
             buckets=CAPTION_BUCKETS,
             registry=r,
         )
+        self.resumes = Counter(
+            "streamscribe_session_resumes",
+            "Streams whose connection dropped without a close, by outcome: detached (kept for a "
+            "resume), resumed, expired (no client came back within server.resume_window_s)",
+            ["outcome"],
+            registry=r,
+        )
         self.errors = Counter("streamscribe_errors", "Errors sent to clients", ["code"], registry=r)
         self.finals = Counter("streamscribe_finals", "Finals delivered", registry=r)
         self.partials = Counter("streamscribe_partials", "Partials delivered", registry=r)

@@ -32,17 +32,28 @@ class LiveStream(Generic[T]):
 class StreamRegistry(Generic[T]):
     def __init__(self) -> None:
         self.streams: dict[str, LiveStream[T]] = {}
+        self.resumable: dict[str, str] = {}  # resume token -> session id
 
     def register(self, connection: T) -> None:
         """`connection` drives its protocol's stream, from now until `unregister`."""
         state = connection.protocol
         self.streams[state.id] = LiveStream(state, connection)
+        token = state.dialect.resume_token
+        if token is not None:
+            self.resumable[token] = state.id
 
     def unregister(self, connection: T) -> None:
         """The stream is over (unless another connection has taken it over meanwhile)."""
         live = self.streams.get(connection.protocol.id)
         if live is not None and live.connection is connection:
             del self.streams[connection.protocol.id]
+            self.resumable.pop(connection.protocol.dialect.resume_token or "", None)
+
+    def by_resume_token(self, token: str) -> T | None:
+        """The connection of the live stream that `token` (its `resume_token`) resumes."""
+        session_id = self.resumable.get(token)
+        live = self.streams.get(session_id) if session_id is not None else None
+        return live.connection if live is not None else None
 
     def state(self, session_id: str) -> StreamProtocol | None:
         live = self.streams.get(session_id)

@@ -11,6 +11,9 @@ words), srt and vtt (the pop-on cues and writers of streaming/core/captions.py, 
 them); `stream=true` answers with server-sent events. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`. A body is read within
 `server.upload_timeout_s` (408 beyond) and decoded up to `server.max_upload_s` of audio (413).
+
+`POST /v1/auth/token` mints short-lived tokens (streaming/ops/tokens.py) for the API key it is
+called with; it answers CORS preflights, as the browser page is served from the main port.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import logging
 import math
 import ssl
+import time
 import uuid
 import zlib
 from collections.abc import Hashable
@@ -45,9 +49,10 @@ from engine.api import (
 from engine.audio import resample
 from engine.scheduler import Kind, Outcome, Request
 from streaming.core.captions import cues_from_words, to_srt, to_vtt
-from streaming.ops import auth
+from streaming.ops import tokens
+from streaming.ops.access import Denial, Principal, offered
 from streaming.ops.admission import RETRY_AFTER_S, refusal
-from streaming.ops.config import ConfigError, check_language, parse_bool
+from streaming.ops.config import ConfigError, ServerConfig, check_language, parse_bool
 
 if TYPE_CHECKING:
     from streaming.server import Gateway
@@ -55,6 +60,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("streaming.transport.rest")
 
 PATH = "/v1/audio/transcriptions"
+TOKEN_PATH = "/v1/auth/token"
+TOKEN_TTL_S = 600  # a token's lifetime when the request names none (at most token_max_ttl_s)
+TOKEN_BODY_LIMIT = 4096
+TOKEN_FIELDS = ("ttl_s", "scopes", "max_streams")
+CORS = {  # the page (main port) asks the REST port (another origin) with its key in a header
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
 FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 STREAM_FORMATS = ("json", "text")
 GRANULARITIES = ("word", "segment")
@@ -122,6 +137,15 @@ class QuietServerLog(logging.Filter):
 
 
 @dataclass(frozen=True)
+class TokenOptions:
+    """The validated body of a token request."""
+
+    ttl_s: int
+    scopes: frozenset[str] | None = None  # None: every endpoint
+    max_streams: int | None = None
+
+
+@dataclass(frozen=True)
 class Form:
     """The validated fields of one upload."""
 
@@ -146,6 +170,8 @@ class RestServer:
             server_logger.addFilter(QuietServerLog())
         app = web.Application()
         app.router.add_post(PATH, self.transcribe)
+        app.router.add_post(TOKEN_PATH, self.issue_token)
+        app.router.add_route("OPTIONS", TOKEN_PATH, self.preflight)
         self.runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=self.gateway.config.server.drain_grace_s
         )
@@ -164,8 +190,9 @@ class RestServer:
         gateway = self.gateway
         server = gateway.config.server
         try:
-            self._authorize(request)
+            principal = self._authorize(request, tokens.TRANSCRIBE)
             self._check_ready()
+            self._check_allowance(principal)
             form = await read_form(request, server.max_upload_bytes, server.upload_timeout_s)
             language = self._language(form)
             audio = await asyncio.to_thread(
@@ -178,6 +205,8 @@ class RestServer:
             return err.response()
         duration_s = len(audio) / TARGET_SAMPLE_RATE
         gateway.metrics.audio_seconds.inc(duration_s)
+        if principal.key_id is not None:  # toward the key's audio of the day
+            gateway.limits.charge(principal.key_id, duration_s * 1000)
         log.info(
             "file transcribed",
             extra={"duration_s": round(duration_s, 3), "format": form.response_format},
@@ -186,25 +215,77 @@ class RestServer:
             return await stream_events(request, hypothesis.text)
         return render(form, hypothesis, len(audio), language)
 
-    def _authorize(self, request: web.Request) -> None:
-        """The main port's rule (streaming/ops/auth.py): header or `?api_key=`, 429 once the
-        address sent too many bad keys."""
-        offered = auth.offered_key(
-            request.headers.get("Authorization", ""), (), request.query_string
+    async def issue_token(self, request: web.Request) -> web.Response:
+        """`POST /v1/auth/token` with an API key (never a token): a signed token for it, body
+        (optional) `{"ttl_s", "scopes", "max_streams"}`. Without server.api_keys, 400: there is
+        nothing to stand in for."""
+        gateway = self.gateway
+        try:
+            if not gateway.access.enabled:
+                raise ApiError(
+                    400,
+                    "tokens need API keys (server.api_keys): authentication is off, so every "
+                    "endpoint is open without a credential",
+                    code="auth_disabled",
+                )
+            principal = self._authorize(request, None, allow_tokens=False)
+            options = await read_token_options(request, gateway.config.server)
+        except ApiError as err:
+            gateway.metrics.errors.labels(err.code).inc()
+            return _with_cors(err.response())
+        now = time.time()
+        token, content = gateway.access.signer.issue(
+            principal.key_id, options.ttl_s, now, options.scopes, options.max_streams
         )
+        body = {
+            "token": token,
+            "expires_at": content.expires_at,
+            "expires_in": options.ttl_s,
+            "scopes": sorted(content.scopes or tokens.SCOPES),
+            "max_streams": content.max_streams,
+        }
+        return _with_cors(web.json_response(body, headers={"Cache-Control": "no-store"}))
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """The CORS preflight of a token request from another origin (the browser page)."""
+        return web.Response(status=204, headers=CORS)
+
+    def _authorize(
+        self, request: web.Request, scope: str | None, allow_tokens: bool = True
+    ) -> Principal:
+        """The main port's rule (streaming/ops/access.py): a key or token in the header, or
+        `?api_key=` / `?token=`; 429 once the address sent too many bad ones."""
+        credential = offered(request.headers.get("Authorization", ""), (), request.query_string)
         now = asyncio.get_running_loop().time()
-        denial = self.gateway.guard.check(offered, request.remote or "", now)
-        if denial is None:
-            return
+        verdict = self.gateway.access.check(
+            credential, request.remote or "", now, time.time(), scope, allow_tokens
+        )
+        if not isinstance(verdict, Denial):
+            return verdict
         self.gateway.metrics.rejections.labels("auth").inc()
-        _, retry_after = denial
-        if retry_after is None:
-            raise ApiError(401, "missing or invalid API key", code="invalid_api_key")
+        if verdict.retry_after is None:
+            raise ApiError(401, verdict.reason, code="invalid_api_key")
         raise ApiError(
             429,
-            "too many invalid API keys",
+            verdict.reason,
             code="rate_limit_exceeded",
-            retry_after=retry_after,
+            retry_after=verdict.retry_after,
+        )
+
+    def _check_allowance(self, principal: Principal) -> None:
+        """429 until the next UTC midnight once the key's audio of the day is spent."""
+        if principal.key_id is None:
+            return
+        refusal = self.gateway.limits.spent(principal.key_id)
+        if refusal is None:
+            return
+        self.gateway.metrics.rejections.labels("key_limit").inc()
+        raise ApiError(
+            429,
+            refusal.reason,
+            code="quota_exceeded",
+            kind="insufficient_quota",
+            retry_after=refusal.retry_after,
         )
 
     def _check_ready(self) -> None:
@@ -280,6 +361,93 @@ def _transcribes(engine: Engine, language: str) -> bool:
 def _settle(future: asyncio.Future, outcome: Outcome) -> None:
     if not future.done():  # the client may have gone away
         future.set_result(outcome)
+
+
+def _with_cors(response: web.Response) -> web.Response:
+    response.headers.update(CORS)
+    return response
+
+
+# --- reading a token request -------------------------------------------------------------------
+
+
+async def read_token_options(request: web.Request, server: ServerConfig) -> TokenOptions:
+    """The token request's JSON body (empty: the defaults), read within upload_timeout_s."""
+    if request.content_length is not None and request.content_length > TOKEN_BODY_LIMIT:
+        raise ApiError(413, f"the body is over {TOKEN_BODY_LIMIT} bytes", code="body_too_large")
+    raw = b""
+    try:
+        async with asyncio.timeout(server.upload_timeout_s):
+            while len(raw) <= TOKEN_BODY_LIMIT:
+                chunk = await request.content.read(TOKEN_BODY_LIMIT + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {server.upload_timeout_s:g} s "
+            "(server.upload_timeout_s)",
+            code="upload_timeout",
+        ) from None
+    except ConnectionError:
+        raise ApiError(400, "the request was cut short", code="invalid_json") from None
+    if len(raw) > TOKEN_BODY_LIMIT:
+        raise ApiError(413, f"the body is over {TOKEN_BODY_LIMIT} bytes", code="body_too_large")
+    return token_options(raw, server.token_max_ttl_s)
+
+
+def token_options(raw: bytes, max_ttl_s: float) -> TokenOptions:
+    """Validate a token request body: JSON object with `ttl_s` (whole seconds, 1 up to
+    server.token_max_ttl_s), `scopes` (names of tokens.SCOPES), `max_streams` (>= 1)."""
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    unknown = sorted(set(body) - set(TOKEN_FIELDS))
+    if unknown:
+        raise ApiError(
+            400,
+            f"unknown field {unknown[0]!r}; expected some of {', '.join(TOKEN_FIELDS)}",
+            param=unknown[0],
+            code="invalid_value",
+        )
+    max_ttl = math.floor(max_ttl_s)
+    ttl = body.get("ttl_s", min(TOKEN_TTL_S, max_ttl))
+    if not _whole(ttl) or not 1 <= ttl <= max_ttl:
+        raise ApiError(
+            400,
+            f"ttl_s must be whole seconds from 1 to {max_ttl} (server.token_max_ttl_s), "
+            f"got {json.dumps(ttl)}",
+            param="ttl_s",
+            code="invalid_value",
+        )
+    scopes = body.get("scopes")
+    if scopes is not None:
+        try:
+            if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+                raise ValueError(f"scopes must be a list of names of {', '.join(tokens.SCOPES)}")
+            scopes = tokens.check_scopes(scopes)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="scopes", code="invalid_value") from None
+    max_streams = body.get("max_streams")
+    if max_streams is not None and (not _whole(max_streams) or max_streams < 1):
+        raise ApiError(
+            400,
+            f"max_streams must be a whole number of at least 1, got {json.dumps(max_streams)}",
+            param="max_streams",
+            code="invalid_value",
+        )
+    return TokenOptions(int(ttl), scopes, None if max_streams is None else int(max_streams))
+
+
+def _whole(value: object) -> bool:
+    """A JSON number with no fraction (600 or 600.0), not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value == int(value)
 
 
 # --- reading the upload ----------------------------------------------------------------------

@@ -11,10 +11,11 @@ largest per-frame saving at hundreds of streams).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -37,8 +38,14 @@ from streaming.transport.wsserver import WebSocket
 log = logging.getLogger("streaming.transport.websocket")
 
 DRAIN_READ_S = 0.5  # on shutdown, frames already sent are still read for this long
+EXPIRE_FLUSH_S = 10.0  # a detached stream past its window waits this long for its last finals
+TAKEOVER_S = 2.0  # a resume cuts a half-open old link and waits this long for it to detach
 WATCHDOG_S = 0.25  # how often connections check their idle, duration, drain and send clocks
 YIELD_EVERY = 4  # frames read in a row before the reader lets other tasks run
+
+
+class ResumeRefused(Exception):
+    """A client asked to resume a stream that cannot be resumed (the reason is the message)."""
 
 
 class Link(Protocol):
@@ -70,13 +77,16 @@ class Connection:
         metrics: Metrics,
         calls: CallHub | None = None,
         captions: CaptionStore | None = None,
+        quota: Callable[[int], str | None] | None = None,
     ) -> None:
+        """`quota`: the stream's audio allowance (StreamProtocol's `quota`), None: unlimited."""
         self.ws = ws
         self.config = config
         self.scheduler = scheduler
         self.metrics = metrics
         self.calls = calls
         self.id = uuid.uuid4().hex
+        self.key_id = getattr(ws, "key_id", None)  # whose stream it is: a resume must match
         self.loop = asyncio.get_running_loop()
         self.protocol = StreamProtocol(
             self.id,
@@ -93,6 +103,7 @@ class Connection:
                 if scheduler.refine_engine is None
                 else engine_translations(scheduler.refine_engine)
             ),
+            quota=quota,
         )
         self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
         self.progress = asyncio.Event()
@@ -108,6 +119,13 @@ class Connection:
         self.watched = False  # `watch` looks at this connection (its session is running)
         self.fast_burst = 0  # frames taken on the fast path since the loop last turned
         self.gone: asyncio.Future | None = None  # done once the link is lost (while running)
+        self.results_task: asyncio.Task | None = None  # delivers the scheduler's results
+        # Session resume: the link went and the stream waits (`lingering`) for a client to
+        # take it over; `link_lost` is set while detached; `on_end` is told once it is over.
+        self.detached = False
+        self.link_lost = asyncio.Event()
+        self.lingering: asyncio.Task | None = None
+        self.on_end: Callable[[Connection], None] | None = None
 
     @property
     def session(self) -> Session | None:
@@ -116,24 +134,68 @@ class Connection:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            await self._run()
-        except ConnectionClosed:
-            pass  # abrupt disconnect, or a client cut off for not reading
-        finally:
-            for key in self.protocol.abandon():  # pending partials never need computing now
-                self.scheduler.cancel(key)
-            if self.calls is not None:
-                self.calls.end(self.protocol.call_id, self.id)
-            self.finished.set()
-
-    async def _run(self) -> None:
+        """Drive the stream over its first link; returns when that link ends. `detached` is
+        then true when the stream lives on for a client to resume it (`resume`)."""
         protocol = self.protocol
-        opened = protocol.open()
-        if not protocol.reading:  # the query was refused
-            await self._perform(opened)
-            return
-        results = asyncio.create_task(self._deliver_results())
+        try:
+            opened = protocol.open()
+            if not protocol.reading:  # the query was refused
+                with contextlib.suppress(ConnectionClosed):
+                    await self._perform(opened)
+                return
+        finally:
+            if not protocol.reading:
+                self._finish()
+        self.results_task = asyncio.create_task(self._deliver_results())
+        await self._serve(opened)
+
+    async def resume(self, ws: Link, last_seq: int) -> None:
+        """A reconnecting client takes the stream over (server.resume_window_s): the messages
+        it missed after `last_seq` go first, then `session.resumed`, then the stream goes on
+        over `ws`. Raises `ResumeRefused` when it cannot."""
+        if not self.detached and not self.finished.is_set():
+            # The old link may be half-open (the network dropped it, no close came): cut it,
+            # so that the stream detaches, and take over.
+            self.ws.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.link_lost.wait(), TAKEOVER_S)
+        if not self.detached or not self.protocol.reading:
+            raise ResumeRefused("the session has ended")
+        async with self.sending:  # a send still under way on the old link ends first
+            if not self.detached or not self.protocol.reading:
+                raise ResumeRefused("the session has ended")
+            try:
+                missed, resumed = self.protocol.resume(last_seq, self.loop.time())
+            except ValueError as err:
+                raise ResumeRefused(str(err)) from None
+            if self.lingering is not None:
+                self.lingering.cancel()
+            self.ws = ws
+            self.detached = False
+            self.link_lost.clear()
+            self.outbox.clear()  # all of it is in the replay buffer: `missed` has what counts
+            self.outbox.extend(missed)
+            self._queue(resumed)
+        self.metrics.resumes.labels("resumed").inc()
+        log.info("session resumed", extra={"session": self.id})
+        await self._serve(NOTHING)
+
+    async def _serve(self, first: Actions) -> None:
+        """Serve the current link; when it drops without a close and the stream can be
+        resumed, detach (the stream lives on), else end the stream."""
+        detach = False
+        try:
+            await self._serve_link(first)
+        except ConnectionClosed as closed:  # abrupt disconnect, or cut off for not reading
+            detach = self._may_detach(closed)
+        finally:
+            if detach:
+                self._detach()
+            else:
+                self._finish()
+
+    async def _serve_link(self, first: Actions) -> None:
+        protocol = self.protocol
         # A reader held back waits for results; once the link is gone none may come (the
         # task delivering them stops at the first failed send), so its loss wakes it too.
         self.gone = asyncio.ensure_future(self.ws.wait_closed())
@@ -141,7 +203,7 @@ class Connection:
         self.watched = True
         fast = isinstance(self.ws, WebSocket) and protocol.dialect.binary_audio
         try:
-            await self._perform(opened)
+            await self._perform(first)
             if fast:
                 self.ws.take_frame = self._take_frame
             await self._read()
@@ -150,13 +212,70 @@ class Connection:
         finally:
             if fast:
                 self.ws.take_frame = None
-            results.cancel()
             self.gone.cancel()
             self.watched = False
 
+    def _may_detach(self, closed: ConnectionClosed) -> bool:
+        """A resumable stream outlives a link that went without a close frame from the
+        client (network loss, a cut); a client that closed, or a server draining, ends it."""
+        return (
+            closed.rcvd is None
+            and self.protocol.resumable
+            and self.protocol.reading
+            and self.protocol.drain_at is None
+        )
+
+    def _detach(self) -> None:
+        self.detached = True
+        self.outbox.clear()  # kept in the replay buffer
+        self.protocol.detach(self.loop.time())
+        self.link_lost.set()
+        self.lingering = asyncio.create_task(
+            self._linger(self.config.server.resume_window_s)
+        )
+        self.metrics.resumes.labels("detached").inc()
+        log.info("client gone; session kept for resume", extra={"session": self.id})
+
+    async def _linger(self, window_s: float) -> None:
+        """Wait for a client to resume; past the window, end the stream."""
+        await asyncio.sleep(window_s)
+        self.lingering = None
+        self.metrics.resumes.labels("expired").inc()
+        await self._end_detached(EXPIRE_FLUSH_S)
+
+    async def _end_detached(self, flush_s: float) -> None:
+        """Flush the detached stream's session (its finals still reach the call's
+        subscribers, captions and metrics), wait for them a bounded time, then end it."""
+        await self._perform(self.protocol.expire())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closed.wait(), flush_s)
+        self._finish()
+
+    def _finish(self) -> None:
+        """The stream is over: stop delivering results, drop its pending partials, tell the
+        call and the server (once)."""
+        if self.finished.is_set():
+            return
+        if self.results_task is not None:
+            self.results_task.cancel()
+        for key in self.protocol.abandon():  # pending partials never need computing now
+            self.scheduler.cancel(key)
+        if self.calls is not None:
+            self.calls.end(self.protocol.call_id, self.id)
+        self.finished.set()
+        if self.on_end is not None:
+            self.on_end(self)
+
     async def drain(self, grace_s: float) -> None:
         """Server shutdown: read what the client already sent, flush, deliver the last finals,
-        then close with 1001 (or 1013 if the grace period runs out first)."""
+        then close with 1001 (or 1013 if the grace period runs out first). A detached stream
+        is flushed for its subscribers and ended."""
+        if self.detached:
+            if self.lingering is not None:
+                self.lingering.cancel()
+                self.lingering = None
+            await self._end_detached(grace_s)
+            return
         self.protocol.drain(self.loop.time() + min(DRAIN_READ_S, grace_s))
         try:
             await asyncio.wait_for(self.finished.wait(), grace_s)
@@ -301,9 +420,12 @@ class Connection:
             while outbox:
                 item = outbox.popleft()
                 if isinstance(item, tuple):
-                    await self.ws.close(*item)
+                    if not self.detached:
+                        await self.ws.close(*item)
                     self.closed.set()
                     continue
+                if self.detached:
+                    continue  # kept in the replay buffer for a client that resumes
                 self.send_started = self.loop.time()
                 try:
                     await self.ws.send(item)
@@ -348,7 +470,9 @@ class Connection:
             try:
                 await self._perform(self.protocol.on_result(item, outcome, self.loop.time()))
             except ConnectionClosed:
-                return
+                if not self.protocol.resumable:
+                    return
+                # the link went: what it missed is in the replay buffer for a resume
             finally:
                 self.progress.set()
 

@@ -54,6 +54,7 @@ class WebSocket(asyncio.Protocol):
             extensions=enable_server_permessage_deflate(None),
         )
         self.request: Request | None = None
+        self.key_id: str | None = None  # the credential's key, once the gateway let it in
         self.transport: asyncio.Transport | None = None
         self.messages: deque[str | bytes] = deque()
         self.fragments: list[bytes] = []

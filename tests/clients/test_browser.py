@@ -262,30 +262,98 @@ def test_dropped_file_is_streamed(tmp_path):
 
 
 @browser_test
-def test_api_key_goes_in_the_query_string():
+def test_the_page_resumes_a_stream_after_a_network_drop(tmp_path):
+    """The page's server is reached through a loopback proxy that drops every connection
+    (no close frame) while a file streams: the page resumes, and the server gets the whole
+    file once, with the same finals as an uncut stream."""
+    from tests.clients.test_client_resume import CuttableProxy
+
+    audio = joined([librivox_clips()[1][1], librivox_clips()[2][1]], silence_s=0.5)
+    path = write_wav(tmp_path / "speech.wav", audio)
+
+    async def stream(page, url: str, cut=None) -> tuple[str, list[str]]:
+        await page.goto(url)
+        await page.set_input_files("#file", str(path))
+        if cut is not None:
+            await asyncio.sleep(2.5)  # mid-file (streamed at real time)
+            cut()
+        await wait_closed(page, timeout_s=60)
+        return await page.inner_text("#state"), await page.evaluate(WORDS_JS, "finals")
+
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            proxy = CuttableProxy(gw.port)
+            port = await proxy.start()
+            async with chromium() as (page, errors):
+                uncut = await stream(page, f"http://127.0.0.1:{gw.port}/")
+                resumes = gw.metrics.resumes.labels("resumed")._value.get()
+                cut = await stream(page, f"http://127.0.0.1:{port}/", proxy.cut)
+                resumed = gw.metrics.resumes.labels("resumed")._value.get() - resumes
+            proxy.close()
+            return uncut, cut, resumed, errors
+
+    uncut, cut, resumed, errors = asyncio.run(main())
+    assert not errors and resumed == 1
+    assert uncut[0] == cut[0] == f"closed: {len(audio) / RATE:.1f} s of audio, 2 segments"
+    assert cut[1] == uncut[1] and uncut[1]  # the same finals, none lost or doubled
+
+
+@browser_test
+def test_api_key_is_swapped_for_a_token_sent_as_a_subprotocol():
+    """With a key, the page gets a stream token from the REST port (another origin: CORS) and
+    offers it as the subprotocol `token.<TOKEN>`; no key or token appears in any URL."""
+
     async def main():
         async with running(gateway_config(api_keys="secret"), EchoEngine()) as gw:
+            rest_port = gw.rest.port
+            handshakes = []
+            process_request = gw.server.process_request
+
+            def spy(connection, request):
+                handshakes.append(request)
+                return process_request(connection, request)
+
+            gw.server.process_request = spy
             async with chromium() as (page, errors):
+                urls = []
+                page.on("request", lambda r: urls.append(r.url))
+                page.on("websocket", lambda ws: urls.append(ws.url))
                 await page.goto(f"http://127.0.0.1:{gw.port}/")  # the page itself needs no key
                 await page.click("#start")
                 await page.wait_for_function(
                     "document.getElementById('state').dataset.kind === 'error'", timeout=30_000
                 )
                 refused = await page.inner_text("#state")
+                await page.fill("#api-key", "wrong")
+                await page.click("#start")
+                await page.wait_for_function(
+                    "document.getElementById('state').dataset.kind === 'error'"
+                    " && document.getElementById('state').innerText.includes('token')",
+                    timeout=30_000,
+                )
+                wrong = await page.inner_text("#state")
                 await page.fill("#api-key", "secret")
                 await page.click("#start")
                 await page.wait_for_function(
                     "document.getElementById('state').dataset.kind === 'streaming'",
                     timeout=30_000,
                 )
+                opened = len(gw.connections)
                 await page.click("#stop")
                 await wait_closed(page)
-                return refused, await page.inner_text("#state"), errors
+                closed = await page.inner_text("#state")
+        streams = [r for r in handshakes if r.path.startswith("/v1/stream")]
+        offered = [r.headers.get("Sec-WebSocket-Protocol", "") for r in streams]
+        return refused, wrong, closed, opened, offered, urls, rest_port, errors
 
-    refused, closed, errors = asyncio.run(main())
+    refused, wrong, closed, opened, offered, urls, rest_port, errors = asyncio.run(main())
     assert not errors
     assert refused == "server refused the stream: 401 missing or invalid API key"
-    assert closed.startswith("closed: ")
+    assert wrong == "could not get a token: 401 missing or invalid API key"
+    assert closed.startswith("closed: ") and opened == 1
+    assert offered[0] == "" and offered[-1].startswith("token.") and "secret" not in offered[-1]
+    assert f"http://127.0.0.1:{rest_port}/v1/auth/token" in urls
+    assert not [u for u in urls if "secret" in u or "token=" in u or "api_key" in u]
 
 
 @browser_test

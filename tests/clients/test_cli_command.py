@@ -314,3 +314,41 @@ def test_transcribe_writes_the_refine_models_text():
     )
     logged = [json.loads(line) for line in done.stderr.splitlines()]
     assert any("primary model is not loaded" in entry["msg"] for entry in logged)
+
+
+def test_stream_resumes_after_the_network_drops_it():
+    """`streamscribe stream` through a loopback proxy that drops every connection mid-file:
+    it reconnects, resumes, and prints each message once (--json), then exits 0."""
+    import asyncio
+    import threading
+
+    from tests.clients.test_client_resume import CuttableProxy
+
+    needs_clip()
+    proc, lines = start_serve("--model", "noop")
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    try:
+        proxy = CuttableProxy(port_of(lines, "streams"))
+        port = asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
+        url = f"ws://127.0.0.1:{port}/v1/stream"
+        client = subprocess.Popen(
+            [COMMAND, "stream", "--realtime", "--json", str(CLIP), "--url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2.5)
+        loop.call_soon_threadsafe(proxy.cut)  # no close frame: the route just went
+        out, err = client.communicate(timeout=60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    messages = [json.loads(line) for line in out.splitlines()]
+    assert client.returncode == 0, err
+    assert "session resumed" in err and proxy.accepted == 2
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
+    assert messages[-1]["type"] == "session.closed" and messages[-1]["reason"] == "client"
+    assert abs(messages[-1]["audio_ms"] - 7100) < 200  # all the file, none of it twice

@@ -224,7 +224,7 @@ def test_a_dropped_connection_raises_connection_lost_and_a_drain_ends_cleanly(sp
         # A short idle timeout bounds the drain: a connection idle in recv() notices the drain
         # only when that times out (server behaviour, reported separately).
         async with running(gateway_config(idle_timeout_s=2.0), EchoEngine()) as gw:
-            client = await StreamscribeClient.connect(url(gw))
+            client = await StreamscribeClient.connect(url(gw), reconnect=0)  # no resume
             await client.send_audio(to_s16le(speech[0][:RATE]))
             next(iter(gw.connections)).ws.transport.abort()
             with pytest.raises(ConnectionLost) as lost:

@@ -340,8 +340,10 @@ def test_deltas_go_on_after_the_last_sent_word_the_final_still_has():
     from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 
     def timed(text: str, start_ms: int = 0) -> list[Word]:
-        return [Word(w, start_ms + 300 * i, start_ms + 300 * i + 250, 0.9) for i, w in
-                enumerate(text.split())]
+        return [
+            Word(w, start_ms + 300 * i, start_ms + 300 * i + 250, 0.9)
+            for i, w in enumerate(text.split())
+        ]
 
     dialect = OpenAIRealtimeDialect()
     dialect.vad = True
@@ -354,8 +356,15 @@ def test_deltas_go_on_after_the_last_sent_word_the_final_still_has():
         ),
         # the final found two words before the sent ones, and one after them
         FinalTranscript(
-            0, 0, 0, 2000, "And Mr. John Dashwood had then",
-            timed("And Mr. John Dashwood had then"), 0.9, Latency(0, 0, 0), "endpoint",
+            0,
+            0,
+            0,
+            2000,
+            "And Mr. John Dashwood had then",
+            timed("And Mr. John Dashwood had then"),
+            0.9,
+            Latency(0, 0, 0),
+            "endpoint",
         ),
     ]:
         sent += [json.loads(m)["delta"] for m in dialect.encode(event) if DELTA in m]

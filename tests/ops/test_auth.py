@@ -7,16 +7,9 @@ import hmac
 
 import pytest
 
-from streaming.ops import auth
+from streaming.ops import access, auth
 from streaming.ops.config import ConfigError, load_config
-
-
-def test_offered_key_header_subprotocol_then_query():
-    assert auth.offered_key("Bearer k1", (), "api_key=k2") == "k1"
-    assert auth.offered_key("token  k1 ", (), "") == "k1"
-    assert auth.offered_key("", ("token", "k3"), "api_key=k2") == "k3"
-    assert auth.offered_key("Basic xyz", (), "channel=0&api_key=k2") == "k2"
-    assert auth.offered_key("", (), "channel=0") is None
+from streaming.ops.tokens import Signer
 
 
 def test_key_ok_compares_every_key_in_constant_time(monkeypatch):
@@ -33,10 +26,16 @@ def test_key_ok_compares_every_key_in_constant_time(monkeypatch):
 
 def test_throttle_blocks_an_address_after_repeated_bad_keys():
     guard = auth.Guard(frozenset({"good"}), auth.Throttle(allowed=3, window_s=60, block_s=30))
-    assert [guard.check("bad", "a", 0.0) for _ in range(3)] == [(401, None)] * 3
-    assert guard.check("good", "a", 1.0) == (429, 29)  # blocked, even with the right key
-    assert guard.check("good", "b", 1.0) is None  # other addresses are not
-    assert guard.check("good", "a", 31.0) is None  # the block ends
+    gate = access.Access(guard, Signer(b"s" * 32))
+
+    def check(key: str, client: str, now: float):
+        verdict = gate.check(access.Credential(key), client, now, 0.0, None)
+        return (verdict.status, verdict.retry_after) if isinstance(verdict, access.Denial) else None
+
+    assert [check("bad", "a", 0.0) for _ in range(3)] == [(401, None)] * 3
+    assert check("good", "a", 1.0) == (429, 29)  # blocked, even with the right key
+    assert check("good", "b", 1.0) is None  # other addresses are not
+    assert check("good", "a", 31.0) is None  # the block ends
 
 
 def test_throttle_forgets_old_failures_and_stays_bounded():

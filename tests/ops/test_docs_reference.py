@@ -24,6 +24,7 @@ from streaming.core.events import (
     PartialTranscript,
     RefinedTranscript,
     SessionClosed,
+    SessionResumed,
     SessionStarted,
     SpeechStarted,
     SpeechStopped,
@@ -108,6 +109,7 @@ EVENTS: list[Event] = [
     Status(1250, 8400),
     ErrorEvent("invalid_update", "cannot change sample_rate mid-stream"),
     ErrorEvent("engine_error", "segment 2 failed", channel=0, segment_id=2),
+    SessionResumed(gap_ms=2140, audio_bytes=211200, audio_ms=6600, replayed=3, dropped=0),
     SessionClosed(12480, 2, "client"),
     CaptionAppend(0, " He was", False, False, 3, 2000, 3100),
     CaptionCue(1, 0, 2000, 4990, ["He was"], 4490, "00:00:02.000", "00:00:04.990"),
@@ -144,6 +146,7 @@ def keys_of(value: object) -> set[str]:
 def produced_messages() -> dict[str, list[dict]]:
     """{type: messages} that the native dialect writes for EVENTS."""
     dialect = NativeDialect()
+    dialect.resume_token = "mVq3oK1pW0gS6x2cTz8yRb7uN4eLhA5d"  # a resumable server's
     produced: dict[str, list[dict]] = {}
     for event in EVENTS:
         for frame in dialect.encode(event):

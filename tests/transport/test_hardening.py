@@ -213,10 +213,11 @@ def test_call_subscribers_count_against_the_session_cap():
 
 def test_clients_that_never_read_free_their_slots(speech):
     """Clients cut for not reading must give their session back: with max_sessions 3, three
-    of them must not lock everyone else out."""
+    of them must not lock everyone else out (a cut stream is kept for a resume, so each slot
+    comes back once its resume window has passed)."""
 
     async def main():
-        config = gateway_config(max_sessions=3, idle_timeout_s=0.5)
+        config = gateway_config(max_sessions=3, idle_timeout_s=0.5, resume_window_s=1)
         async with running(config, EchoEngine(delay_s=0.3)) as gw:
             clients = [await RawClient.open(gw.port, CHATTY) for _ in range(3)]
             for client in clients:
@@ -238,7 +239,7 @@ def test_clients_that_never_read_free_their_slots(speech):
             return time.monotonic() - started, ready[0], first
 
     freed_s, ready, first = asyncio.run(main())
-    assert freed_s < 3 and ready == 200 and first == "session.started"
+    assert freed_s < 4 and ready == 200 and first == "session.started"
 
 
 def test_drain_ends_within_the_grace_period_with_clients_still_streaming(speech):
@@ -291,9 +292,11 @@ class LostLink:
         self.cut.set()
 
 
-def test_a_stream_held_back_ends_when_its_link_is_lost(speech):
+@pytest.mark.parametrize("window_s", [0, 30])
+def test_a_stream_held_back_ends_when_its_link_is_lost(speech, window_s):
     """Held back for finals that the engine has not answered, a stream whose link goes must
-    end at once (its slot freed), not wait for results nobody will deliver."""
+    let go of it at once, not wait for results nobody will deliver: it ends (its slot freed),
+    or, with a resume window, detaches to wait for a client to resume it."""
     from engine.scheduler import Scheduler
     from streaming.dialects.native import NativeDialect
     from streaming.ops.metrics import Metrics
@@ -301,7 +304,7 @@ def test_a_stream_held_back_ends_when_its_link_is_lost(speech):
 
     async def main():
         link = LostLink(speech)
-        config = gateway_config(max_pending_finals=1)
+        config = gateway_config(max_pending_finals=1, resume_window_s=window_s)
         scheduler = Scheduler(EchoEngine())  # never started: finals stay pending
         conn = Connection(link, NativeDialect(), {}, config, scheduler, Metrics())
         running_ = asyncio.create_task(conn.run())
@@ -310,6 +313,9 @@ def test_a_stream_held_back_ends_when_its_link_is_lost(speech):
                 await asyncio.sleep(0.01)
         link.abort()
         await asyncio.wait_for(running_, 2)
-        return conn.finished.is_set()
+        state = conn.finished.is_set(), conn.detached
+        if conn.lingering is not None:
+            conn.lingering.cancel()
+        return state
 
-    assert asyncio.run(main())
+    assert asyncio.run(main()) == ((True, False) if window_s == 0 else (False, True))

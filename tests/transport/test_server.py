@@ -259,8 +259,10 @@ def test_drain_delivers_finals_then_closes_1001(speech):
 
 
 def test_abrupt_disconnect_frees_the_session(speech):
+    """Without session resume (server.resume_window_s 0; see test_resume.py for it)."""
+
     async def main():
-        async with running(gateway_config(), EchoEngine(delay_s=0.05)) as gw:
+        async with running(gateway_config(resume_window_s=0), EchoEngine(delay_s=0.05)) as gw:
             ws = await connect(url(gw))
             await ws.recv()
             await send_audio(ws, speech[0][: RATE * 2])
@@ -303,7 +305,8 @@ class StuckSocket:
 
 def test_client_that_stops_reading_is_dropped():
     """A send that waits longer than the idle timeout means the client stopped reading: the
-    connection is cut (not buffered without bound) and its session freed."""
+    connection is cut (not buffered without bound) and its session freed (at once without a
+    resume window; after it with one, see test_resume.py)."""
     from engine.scheduler import Scheduler
     from streaming.dialects.native import NativeDialect
     from streaming.ops.metrics import Metrics
@@ -311,7 +314,7 @@ def test_client_that_stops_reading_is_dropped():
 
     async def main():
         ws, metrics = StuckSocket(), Metrics()
-        config = gateway_config(idle_timeout_s=0.2)
+        config = gateway_config(idle_timeout_s=0.2, resume_window_s=0)
         conn = Connection(ws, NativeDialect(), {}, config, Scheduler(EchoEngine()), metrics)
 
         async def watchdog():  # the server's part: look at the connection now and then
