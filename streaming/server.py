@@ -19,6 +19,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.datastructures import Headers
@@ -26,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from engine.api import Engine, ModelLoadError, engine_languages, engine_translations
+from engine.remote import RemoteScheduler
 from engine.scheduler import Scheduler
 from streaming.core.captions import CaptionStore, to_srt, to_vtt
 from streaming.core.close_codes import CLOSE_INTERNAL, CLOSE_RESUME_FAILED
@@ -77,6 +79,15 @@ WEB_TYPES = {
 }
 
 
+@dataclass(frozen=True)
+class Worker:
+    """This gateway's place among the server's worker processes (server.workers)."""
+
+    index: int
+    sessions: admission.SharedCount
+    engine_socket: str  # the engine process's unix socket (engine/remote.py)
+
+
 class Gateway:
     """Shared state of one server: config, engine and scheduler, metrics, live connections.
 
@@ -89,14 +100,18 @@ class Gateway:
         load_engine: Callable[[], Engine],
         load_refine_engine: Callable[[], Engine] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        worker: Worker | None = None,
     ) -> None:
         self.config = config
+        # One of several gateway processes (server.workers): the engine is another process's,
+        # the ports are shared, and sessions are counted across workers.
+        self.worker = worker
         # TLS of the WebSocket/HTTP and REST ports (server.tls_cert/tls_key); built by `start`
         # when not given. AudioSocket stays plain TCP: Asterisk speaks no TLS there.
         self.tls = tls_context
         self.load_engine = load_engine
         self.load_refine_engine = load_refine_engine
-        self.scheduler: Scheduler | None = None
+        self.scheduler: Scheduler | RemoteScheduler | None = None
         self.metrics = Metrics()
         self.connections: StreamRegistry[Connection] = StreamRegistry()  # live streams
         self.draining = False
@@ -124,20 +139,39 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.scheduler is not None and not self.draining
+        return self.engine_up and not self.draining
 
-    def refusal(self) -> admission.Refusal | None:
+    @property
+    def engine_up(self) -> bool:
+        """The engine takes requests (a worker's engine process may be restarting)."""
+        scheduler = self.scheduler
+        return scheduler is not None and getattr(scheduler, "available", True)
+
+    def refusal(self, admit: bool = False) -> admission.Refusal | None:
         """Why a new stream cannot start now (None: it can), for handshakes, /readyz and
-        AudioSocket calls alike."""
-        return admission.refusal(
-            loaded=self.scheduler is not None,
+        AudioSocket calls alike. At the cap, a stream kept only for a resume makes way for a
+        client that is here: with `admit` (a stream is starting), the one whose client has been
+        gone longest is ended."""
+        active = len(self.connections) + self.calls.subscribed  # subscribers hold sockets too
+        if self.worker is not None:
+            active = self.worker.sessions.total(active)
+        reason = admission.refusal(
+            loaded=self.engine_up,
             draining=self.draining,
-            active=len(self.connections) + self.calls.subscribed,  # subscribers hold sockets too
+            active=active,
             limit=self.config.server.max_sessions,
         )
+        if reason == "capacity":
+            waiting = [c for c in self.connections if c.detached and not c.evicted]
+            if waiting:
+                if admit:
+                    min(waiting, key=lambda c: c.protocol.detached_at).evict()
+                return None
+        return reason
 
     async def start(self) -> WebSocketServer:
         server = self.config.server
+        shared = self.worker is not None  # other worker processes listen on the same ports
         if self.tls is None and server.tls_cert:  # TlsError before any port opens
             self.tls = tls.server_context(server.tls_cert, server.tls_key)
         self.server = await WebSocketServer(
@@ -147,15 +181,20 @@ class Gateway:
             max_size=server.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
-        ).start(server.host, server.port, ssl=self.tls)
+        ).start(server.host, server.port, ssl=self.tls, reuse_port=shared)
         if server.audiosocket_port:
             self.audiosocket = await audiosocket.serve(
-                self, server.audiosocket_host, server.audiosocket_port
+                self, server.audiosocket_host, server.audiosocket_port, reuse_port=shared
             )
         if server.http_port >= 0:
             self.rest = RestServer(self)
-            await self.rest.start(server.host, server.http_port, ssl_context=self.tls)
-        self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
+            await self.rest.start(
+                server.host, server.http_port, ssl_context=self.tls, reuse_port=shared
+            )
+        if self.worker is not None:
+            self.loading = asyncio.ensure_future(self._connect_engine(self.worker.engine_socket))
+        else:
+            self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
         self._watch()
         return self.server
 
@@ -212,6 +251,14 @@ class Gateway:
             },
         )
 
+    async def _connect_engine(self, path: str) -> None:
+        """A worker's engine is the engine process's: wait until it answers (it may still be
+        loading the model; its failure stops the whole server, see streaming/supervisor.py)."""
+        remote = RemoteScheduler(path)
+        await remote.start(timeout_s=None)
+        self.metrics.watch(remote)
+        self.scheduler = remote
+
     def _load_checked(self, load: Callable[[], Engine]) -> Engine:
         """Load a model that must transcribe the default language: every stream starts from
         it, so a model without it would serve none."""
@@ -261,9 +308,10 @@ class Gateway:
         denied = self._denied(connection, request, scope)
         if denied is not None:
             return denied
-        reason = self.refusal()
-        if reason == "capacity" and _resumes(path, request):
-            reason = None  # the stream it takes over holds its slot already
+        resuming = _resumes(path, request)  # the stream it takes over holds its slot already
+        reason = self.refusal(admit=not resuming)
+        if reason == "capacity" and resuming:
+            reason = None
         if reason is not None:
             self.metrics.rejections.labels(reason).inc()
             response = _text(http.HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {reason}\n")
@@ -305,7 +353,7 @@ class Gateway:
     def _captions_file(self, session_id: str, kind: str, request: Request) -> Response:
         """The session's cues in programme time (audio time + its timecode_origin_ms)."""
         channel = dict(parse_qsl(urlsplit(request.path).query)).get("channel")
-        if channel is not None and not channel.isdigit():
+        if channel is not None and channel not in ("0", "1"):
             return _text(http.HTTPStatus.BAD_REQUEST, f"channel must be 0 or 1, got {channel!r}\n")
         try:
             cues, origin = self.captions.cues(session_id, None if channel is None else int(channel))
@@ -422,6 +470,8 @@ class Gateway:
             self.watchdog.cancel()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=max(0.0, deadline - loop.time()))
+        elif self.loading is not None:
+            self.loading.cancel()
 
 
 def _load_failure(err: Exception) -> str:

@@ -4,6 +4,7 @@ same words, with the same advice on when to come back."""
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence
 from typing import Literal
 
 RETRY_AFTER_S = 5  # the Retry-After of every refusal: how long a client waits before retrying
@@ -33,3 +34,20 @@ def refusal(
     if limit is not None and active >= limit:
         return "capacity"
     return None
+
+
+class SharedCount:
+    """Streams open in every worker process of one server (`server.workers`), so that
+    `max_sessions` caps the server, not each worker: each worker writes its own slot of an
+    array in shared memory (no lock to be left held by a worker that dies; the supervisor
+    zeroes a dead worker's slot). Two workers admitting at the same instant may overshoot the
+    cap by at most one stream each."""
+
+    def __init__(self, slots: MutableSequence[int], index: int) -> None:
+        self.slots = slots
+        self.index = index
+
+    def total(self, mine: int) -> int:
+        """Publish this worker's count and return the server's."""
+        self.slots[self.index] = mine
+        return sum(self.slots)

@@ -106,9 +106,14 @@ class AudioSocketStream:
         await self.closed.wait()
 
 
-async def serve(gateway: Gateway, host: str, port: int) -> asyncio.Server:
-    """Listen for AudioSocket calls; each is one stream of `gateway`."""
-    server = await asyncio.start_server(functools.partial(_handle, gateway), host, port)
+async def serve(
+    gateway: Gateway, host: str, port: int, reuse_port: bool = False
+) -> asyncio.Server:
+    """Listen for AudioSocket calls; each is one stream of `gateway` (`reuse_port`: other
+    worker processes listen on the port too)."""
+    server = await asyncio.start_server(
+        functools.partial(_handle, gateway), host, port, reuse_port=reuse_port or None
+    )
     log.info("audiosocket listening", extra={"host": host, "port": port})
     return server
 
@@ -117,7 +122,7 @@ async def _handle(
     gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     stream = AudioSocketStream(reader, writer)
-    reason = gateway.refusal()
+    reason = gateway.refusal(admit=True)
     if reason is not None:
         gateway.metrics.rejections.labels(reason).inc()
         writer.write(packet(ERROR, reason.encode()))

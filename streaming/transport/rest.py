@@ -165,7 +165,13 @@ class RestServer:
         self.gateway = gateway
         self.runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         if not any(isinstance(f, QuietServerLog) for f in server_logger.filters):
             server_logger.addFilter(QuietServerLog())
         app = web.Application()
@@ -176,7 +182,10 @@ class RestServer:
             app, access_log=None, shutdown_timeout=self.gateway.config.server.drain_grace_s
         )
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, ssl_context=ssl_context).start()
+        site = web.TCPSite(
+            self.runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None
+        )
+        await site.start()
 
     @property
     def port(self) -> int:
@@ -473,7 +482,8 @@ async def read_form(request: web.Request, max_bytes: int, timeout_s: float) -> F
             f"the request body did not arrive within {timeout_s:g} s (server.upload_timeout_s)",
             code="upload_timeout",
         ) from None
-    except ValueError as err:  # aiohttp: no boundary, an empty or cut body, a malformed part
+    except (ValueError, HttpProcessingError) as err:  # aiohttp: no boundary, an empty or cut
+        # body, a malformed part (a part cut inside its headers is an InvalidHeader)
         raise ApiError(400, f"malformed multipart body: {err}", code="invalid_form") from None
     except ConnectionError as err:
         log.warning("client went away during an upload: %s", err)

@@ -123,6 +123,7 @@ class Connection:
         # Session resume: the link went and the stream waits (`lingering`) for a client to
         # take it over; `link_lost` is set while detached; `on_end` is told once it is over.
         self.detached = False
+        self.evicted = False  # ended early to make way for a new stream at the session cap
         self.link_lost = asyncio.Event()
         self.lingering: asyncio.Task | None = None
         self.on_end: Callable[[Connection], None] | None = None
@@ -159,10 +160,10 @@ class Connection:
             self.ws.transport.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.link_lost.wait(), TAKEOVER_S)
-        if not self.detached or not self.protocol.reading:
+        if not self.detached or self.evicted or not self.protocol.reading:
             raise ResumeRefused("the session has ended")
         async with self.sending:  # a send still under way on the old link ends first
-            if not self.detached or not self.protocol.reading:
+            if not self.detached or self.evicted or not self.protocol.reading:
                 raise ResumeRefused("the session has ended")
             try:
                 missed, resumed = self.protocol.resume(last_seq, self.loop.time())
@@ -242,6 +243,15 @@ class Connection:
         self.lingering = None
         self.metrics.resumes.labels("expired").inc()
         await self._end_detached(EXPIRE_FLUSH_S)
+
+    def evict(self) -> None:
+        """At the session cap a new stream needs the slot: end this detached one now."""
+        if self.lingering is None:
+            return
+        self.evicted = True
+        self.lingering.cancel()
+        self.lingering = asyncio.create_task(self._end_detached(EXPIRE_FLUSH_S))
+        self.metrics.resumes.labels("evicted").inc()
 
     async def _end_detached(self, flush_s: float) -> None:
         """Flush the detached stream's session (its finals still reach the call's

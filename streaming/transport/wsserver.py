@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
@@ -30,6 +30,7 @@ from websockets.server import ServerProtocol
 log = logging.getLogger("streaming.transport.wsserver")
 
 CLOSE_TIMEOUT_S = 10.0  # how long a closing handshake may take before the TCP link is cut
+OPEN_TIMEOUT_S = 10.0  # how long a client may take to send its request before it is cut
 QUEUE_HIGH, QUEUE_LOW = 16, 4  # messages waiting for recv(): pause reading above, resume below
 
 Handler = Callable[["WebSocket"], Awaitable[None]]
@@ -66,6 +67,7 @@ class WebSocket(asyncio.Protocol):
         self.lost = self.loop.create_future()  # the TCP connection is gone
         self.pong_waiter: asyncio.Future | None = None
         self.cut_timer: asyncio.TimerHandle | None = None  # set once a close is under way
+        self.open_timer: asyncio.TimerHandle | None = None  # until the request has come
         self.handler: asyncio.Task | None = None  # the server's handler, once accepted
         self.keepalive: asyncio.Task | None = None
 
@@ -157,6 +159,12 @@ class WebSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.server.connections.add(self)
+        # A client that never finishes its request would hold the socket for good.
+        self.open_timer = self.loop.call_later(OPEN_TIMEOUT_S, self._open_timed_out)
+
+    def _open_timed_out(self) -> None:
+        if self.request is None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.protocol.receive_data(data)
@@ -179,6 +187,8 @@ class WebSocket(asyncio.Protocol):
         self.drain_waiter = None
         if self.cut_timer is not None:
             self.cut_timer.cancel()
+        if self.open_timer is not None:
+            self.open_timer.cancel()
         if self.keepalive is not None:
             self.keepalive.cancel()
 
@@ -202,7 +212,10 @@ class WebSocket(asyncio.Protocol):
         self._flush()
 
     def _handshake(self, request: Request) -> None:
+        if self.request is not None:
+            return  # a request pipelined after the first: one response per connection
         self.request = request
+        self.open_timer.cancel()
         try:
             response = self.server.process_request(self, request)
         except Exception:
@@ -210,6 +223,13 @@ class WebSocket(asyncio.Protocol):
             response = self.protocol.reject(500, "internal error\n")
         if response is None:
             response = self.protocol.accept(request)
+        if self.protocol.eof_sent:
+            # Bytes after the request that are no frame (a pipelined second request): the
+            # protocol has given up on the connection. A plain answer still goes out, once.
+            if response.status_code != 101:
+                self.transport.write(response.serialize())
+            self.transport.close()
+            return
         self.protocol.send_response(response)
         if self.protocol.state is OPEN:
             self.handler = self.loop.create_task(self._handle())
@@ -235,7 +255,13 @@ class WebSocket(asyncio.Protocol):
         if frame.fin:
             data = b"".join(self.fragments)
             self.fragments = []
-            self._queue(data.decode() if self.fragmented_text else data)
+            if not self.fragmented_text:
+                self._queue(data)
+                return
+            try:
+                self._queue(data.decode())
+            except UnicodeDecodeError:  # RFC 6455: a text message is UTF-8, else close 1007
+                self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
 
     def _queue(self, message: str | bytes) -> None:
         self.messages.append(message)
@@ -338,11 +364,18 @@ class WebSocketServer:
         self.server: asyncio.Server | None = None
 
     async def start(
-        self, host: str, port: int, ssl: ssl_module.SSLContext | None = None
+        self,
+        host: str,
+        port: int,
+        ssl: ssl_module.SSLContext | None = None,
+        reuse_port: bool = False,
     ) -> WebSocketServer:
-        """Listen; with `ssl`, every connection is TLS (wss://, https://)."""
+        """Listen; with `ssl`, every connection is TLS (wss://, https://); `reuse_port`: other
+        processes listen on the same port (SO_REUSEPORT; the kernel spreads connections)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: WebSocket(self), host, port, ssl=ssl)
+        self.server = await loop.create_server(
+            lambda: WebSocket(self), host, port, ssl=ssl, reuse_port=reuse_port or None
+        )
         return self
 
     @property

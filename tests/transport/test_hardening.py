@@ -319,3 +319,53 @@ def test_a_stream_held_back_ends_when_its_link_is_lost(speech, window_s):
         return state
 
     assert asyncio.run(main()) == ((True, False) if window_s == 0 else (False, True))
+
+
+# --- found by the fuzzer (tests/transport/test_fuzz.py) ----------------------------------------
+
+
+async def raw_exchange(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
+    """Send `data` on a fresh TCP connection and read everything until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+def test_invalid_utf8_text_closes_1007_and_pipelined_requests_get_one_answer():
+    from tests.wsraw import TEXT, frame, upgrade_request
+
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            bad_text = upgrade_request("/v1/stream") + frame(TEXT, b'{"type": "\xff"}')
+            ws_reply = await raw_exchange(gw.port, bad_text)
+            get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            http_reply = await raw_exchange(gw.port, get * 3)
+            channel = await http_get(gw.port, "/v1/sessions/abc/captions.vtt?channel=%C2%B2")
+            return ws_reply, http_reply, channel
+
+    ws_reply, http_reply, channel = asyncio.run(main())
+    assert ws_reply.startswith(b"HTTP/1.1 101")
+    close = ws_reply[ws_reply.rindex(b"\x88") :]  # the server's close frame, unmasked
+    assert int.from_bytes(close[2:4], "big") == 1007
+    assert http_reply.count(b"HTTP/1.1 200") == 1 and http_reply.endswith(b"ok\n")
+    assert channel[0] == 400
+
+
+def test_a_client_that_never_finishes_its_request_is_cut(monkeypatch):
+    from streaming.transport import wsserver
+
+    monkeypatch.setattr(wsserver, "OPEN_TIMEOUT_S", 0.3)
+
+    async def main():
+        async with running(gateway_config(), EchoEngine()) as gw:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            reply = await raw_exchange(gw.port, b"GET /heal", timeout_s=5)
+            return reply, loop.time() - started
+
+    reply, took = asyncio.run(main())
+    assert reply == b"" and took < 2

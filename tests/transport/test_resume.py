@@ -10,7 +10,7 @@ import json
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.gateway_harness import EchoEngine, collect, gateway_config, read_all, running
+from tests.gateway_harness import EchoEngine, collect, gateway_config, http_get, read_all, running
 from tests.streams import RATE, chunks, joined, librivox_clips, to_s16le
 
 FRAME = RATE * 2 // 10  # 100 ms of 16-bit mono
@@ -254,4 +254,29 @@ def test_a_resume_needs_the_key_that_opened_the_session():
 
     refused, refused_code, resumed = asyncio.run(main())
     assert refused_code == 4005 and "another API key" in refused[-1]["message"]
+    assert resumed["type"] == "session.resumed"
+
+
+def test_at_the_cap_a_kept_session_makes_way_for_a_new_stream():
+    async def main():
+        async with running(gateway_config(max_sessions=2), EchoEngine()) as gw:
+            cut = []
+            for _ in range(2):
+                ws = await connect(url(gw))
+                cut.append(json.loads(await ws.recv())["resume_token"])
+                ws.transport.abort()
+                await asyncio.sleep(0.1)
+            ready = await http_get(gw.port, "/readyz")  # full, but of streams with no client
+            async with connect(url(gw)) as fresh:
+                started = json.loads(await fresh.recv())
+                async with connect(url(gw, f"?resume={cut[0]}&last_seq=1")) as oldest:
+                    refused = await read_all(oldest)
+                async with connect(url(gw, f"?resume={cut[1]}&last_seq=1")) as newer:
+                    resumed = json.loads(await newer.recv())
+            evicted = gw.metrics.resumes.labels("evicted")._value.get()
+            return ready[0], started, refused, resumed, evicted
+
+    ready, started, refused, resumed, evicted = asyncio.run(main())
+    assert ready == 200 and started["type"] == "session.started" and evicted == 1
+    assert refused[-1]["code"] == "resume_failed"  # the longest gone was ended
     assert resumed["type"] == "session.resumed"
