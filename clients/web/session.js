@@ -114,6 +114,7 @@ export class StreamSession {
     this.keptBytes = 0;
     this.audioBytes = 0; // bytes handed over so far
     this.reconnects = 0; // tries since the link dropped
+    this.resuming = false; // between a drop and session.resumed
     this.onMessage = onMessage;
     this.onEnd = onEnd;
     this.queue = [];
@@ -135,7 +136,7 @@ export class StreamSession {
 
   connect(protocols, url = this.url) {
     if (this.ended) return;
-    if (this.closing && !this.resumeToken) {
+    if (this.closing && !this.resuming) {
       this.end(null); // stopped before there was anything to close
       return;
     }
@@ -152,7 +153,7 @@ export class StreamSession {
     this.sentMs += ((bytes.byteLength / 2) * 1000) / TARGET_RATE;
     this.keep(bytes);
     if (this.ready) this.socket.send(bytes);
-    else if (!this.resumeToken) this.queue.push(bytes); // once started, resume resends it
+    else if (!this.resuming) this.queue.push(bytes); // a resume resends it from `kept`
   }
 
   /** Remember a frame for resending after a drop (the last RESEND_MS of audio). */
@@ -185,9 +186,9 @@ export class StreamSession {
     if (!this.socket) return; // connect() sees `closing`
     if (this.socket.readyState === WebSocket.OPEN && this.ready) {
       this.socket.send(JSON.stringify({ type: "close" }));
-    } else {
+    } else if (!this.resuming) {
       this.socket.close(1000);
-    }
+    } // else a resume is under way: onResumed sends the close after the audio
   }
 
   receive(data) {
@@ -223,6 +224,7 @@ export class StreamSession {
   /** Back after a drop: send the audio the server did not get, then go on (or flush). */
   onResumed(message) {
     this.reconnects = 0;
+    this.resuming = false;
     const from = message.audio_bytes;
     for (const [offset, bytes] of this.kept) {
       if (offset + bytes.byteLength > from) {
@@ -238,6 +240,8 @@ export class StreamSession {
     if (!this.resumeToken || this.reconnects >= RECONNECT_DELAYS_MS.length) return false;
     const delay = RECONNECT_DELAYS_MS[this.reconnects];
     this.reconnects += 1;
+    this.resuming = true;
+    this.queue = []; // all of it is in `kept`
     const url = new URL(this.url);
     url.search = "";
     url.searchParams.set("resume", this.resumeToken);
