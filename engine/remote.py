@@ -73,7 +73,10 @@ async def serve(scheduler: Scheduler, path: str) -> None:
         None if scheduler.refine_engine is None else EngineInfo.of(scheduler.refine_engine),
     )
 
+    handlers: set[asyncio.Task] = set()
+
     async def gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[tuple] = asyncio.Queue()
         keys: set[Hashable] = set()  # this gateway's segments, cancelled when it goes
@@ -114,15 +117,22 @@ async def serve(scheduler: Scheduler, path: str) -> None:
                     scheduler.cancel(message[1])
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the gateway process went
+        except asyncio.CancelledError:
+            pass  # the engine process stops: closing the socket tells the gateway
         finally:
             writing.cancel()
             for key in keys:
                 scheduler.cancel(key)
             writer.close()
+            handlers.discard(asyncio.current_task())
 
     server = await asyncio.start_unix_server(gateway, path)
-    async with server:
-        await server.serve_forever()
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        for handler in list(handlers):
+            handler.cancel()
 
 
 def _snapshot(stats: SchedulerStats) -> SchedulerStats:
@@ -240,8 +250,13 @@ class RemoteScheduler:
     def backlog(self) -> tuple[float, float]:
         return self._backlog
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered: how loaded this engine is."""
+        return len(self._pending)
+
     def queue_lengths(self) -> dict[str, int]:
-        return {"in_flight": len(self._pending)}
+        return {"in_flight": self.in_flight}
 
     def stop(self, timeout: float | None = None) -> None:
         """The gateway is done with it (the engine process has its own lifetime)."""
@@ -251,3 +266,70 @@ class RemoteScheduler:
             with contextlib.suppress(Exception):
                 self._writer.close()
 
+
+
+class SchedulerPool:
+    """Several engine processes (one per device, `engine.device: cuda:0,cuda:1`) seen as one
+    scheduler: a segment's requests go to one engine (a partial or final supersedes the
+    segment's pending partial there), chosen as the least loaded when its first request comes;
+    refine work and other segments spread the same way."""
+
+    def __init__(self, members: list[RemoteScheduler]) -> None:
+        self.members = members
+        self._homes: dict[Hashable, RemoteScheduler] = {}  # open segment -> its engine
+
+    @property
+    def engine(self) -> EngineInfo | None:
+        return self.members[0].engine
+
+    @property
+    def refine_engine(self) -> EngineInfo | None:
+        return self.members[0].refine_engine
+
+    @property
+    def available(self) -> bool:
+        return any(member.available for member in self.members)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """Every engine's counters, summed (batch sizes: all of them)."""
+        total = SchedulerStats()
+        for stats in (member.stats for member in self.members):
+            for name in ("batches", "completed", "dropped", "refine_skipped"):
+                mine = getattr(total, name)
+                for key, value in getattr(stats, name).items():
+                    mine[key] = mine.get(key, 0) + value
+            total.failed += stats.failed
+            total.refine_failed += stats.refine_failed
+            total.batch_sizes.extend(stats.batch_sizes)
+            total.audio_seconds += stats.audio_seconds
+            total.compute_seconds += stats.compute_seconds
+        return total
+
+    def submit(self, request: Request) -> None:
+        home = self._homes.get(request.key)
+        if home is None or not home.available:
+            up = [member for member in self.members if member.available] or self.members
+            home = min(up, key=lambda member: member.in_flight)
+        if request.kind == "final":
+            self._homes.pop(request.key, None)  # the segment's last request
+        elif request.kind == "partial":
+            self._homes[request.key] = home
+        home.submit(request)
+
+    def cancel(self, key: Hashable) -> None:
+        home = self._homes.pop(key, None)
+        for member in [home] if home is not None else self.members:
+            member.cancel(key)
+
+    def backlog(self) -> tuple[float, float]:
+        """The longest wait of any engine's oldest final, and all the queued audio."""
+        backlogs = [member.backlog() for member in self.members]
+        return max(lag for lag, _ in backlogs), sum(queued for _, queued in backlogs)
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {"in_flight": sum(member.in_flight for member in self.members)}
+
+    def stop(self, timeout: float | None = None) -> None:
+        for member in self.members:
+            member.stop(timeout)

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the streaming server (WebSocket /v1/stream, /healthz, /metrics)"
     )
     serve.add_argument("--host", help="address to listen on (server.host)")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="gateway processes sharing the ports and one engine process: a number or auto "
+        "(server.workers; default 1)",
+    )
     serve.add_argument("--port", type=int, help="port to listen on (server.port)")
     serve.add_argument(
         "--http-port",
@@ -207,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
     Humans get plain lines on stdout (what loads, then the URLs once it is ready); the JSON logs
     on stderr stay quiet at the default level, so a start-up failure is one line."""
     from engine import selection
-    from streaming import server
+    from streaming import server, supervisor
     from streaming.ops import tls
     from streaming.transport import eventloop
 
@@ -221,8 +227,10 @@ def _serve(args: argparse.Namespace) -> int:
             "engine.device": args.device,
             "engine.max_batch": args.batch,
             "engine.refine_model": args.refine_model,
+            "server.workers": args.workers,
         },
     )
+    devices = cfg.engine.device.split(",")  # several: one engine process each
     choice = _checked_choice(cfg, cfg.engine.model)
     refine = cfg.engine.refine
     refine_choice = None
@@ -251,20 +259,27 @@ def _serve(args: argparse.Namespace) -> int:
     except RuntimeError as err:  # uvloop asked for and not installed
         print(f"streamscribe: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    loading = f"{_model_name(choice)} on {choice.device}"
+    workers = supervisor.worker_count(cfg.server.workers)
+    where = choice.device if len(devices) == 1 else ", ".join(devices)
+    loading = f"{_model_name(choice)} on {where}"
     if refine_choice is not None:
         loading += f", refine model {_model_name(refine_choice)} on {refine_choice.device}"
     print(f"streamscribe: loading {loading} ...", flush=True)
     try:
-        error = run(
-            server.run(
-                cfg,
-                load,
-                on_ready=functools.partial(_print_ready, choice, refine_choice),
-                load_refine_engine=load_refine if refine is not None else None,
-                tls_context=tls_context,
+        if workers > 1 or len(devices) > 1:
+            error = supervisor.serve(
+                cfg, workers, functools.partial(_ready_lines, choice, refine_choice)
             )
-        )
+        else:
+            error = run(
+                server.run(
+                    cfg,
+                    load,
+                    on_ready=functools.partial(_print_ready, choice, refine_choice),
+                    load_refine_engine=load_refine if refine is not None else None,
+                    tls_context=tls_context,
+                )
+            )
     except OSError as err:  # e.g. the port is taken: one line, not a traceback
         error = f"cannot listen: {err.strerror or err}"
     if error:
@@ -279,15 +294,19 @@ def _checked_choice(cfg: Config, model: str) -> ModelChoice:
     from engine import selection
 
     engine = cfg.engine
-    choice = selection.choose_model(
-        model,
-        granite_nar_model=engine.granite_nar_model,
-        whisper_model=engine.whisper_model,
-        device=engine.device,
-        granite_ar_model=engine.granite_ar_model,
-    )
-    selection.check_device(choice)
-    return choice
+    choices = [
+        selection.choose_model(
+            model,
+            granite_nar_model=engine.granite_nar_model,
+            whisper_model=engine.whisper_model,
+            device=device,
+            granite_ar_model=engine.granite_ar_model,
+        )
+        for device in engine.device.split(",")  # `serve` runs one engine process per device
+    ]
+    for choice in choices:
+        selection.check_device(choice)
+    return choices[0]
 
 
 def _model_name(choice: ModelChoice) -> str:
@@ -296,6 +315,10 @@ def _model_name(choice: ModelChoice) -> str:
 
 
 def _print_ready(choice: ModelChoice, refine: ModelChoice | None, gateway: Gateway) -> None:
+    print("\n".join(_ready_lines(choice, refine, gateway)), flush=True)
+
+
+def _ready_lines(choice: ModelChoice, refine: ModelChoice | None, gateway: Gateway) -> list[str]:
     """The few lines a person needs once the model is loaded: what runs, and where to connect."""
     server = gateway.config.server
     wildcard = server.host in ("0.0.0.0", "::", "")
@@ -324,7 +347,7 @@ def _print_ready(choice: ModelChoice, refine: ModelChoice | None, gateway: Gatew
         f"  health    {web}://{base}/readyz   metrics {web}://{base}/metrics",
         "Ctrl-C stops.",
     ]
-    print("\n".join(lines), flush=True)
+    return lines
 
 
 def _list_models(args: argparse.Namespace) -> int:

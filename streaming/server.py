@@ -27,9 +27,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from engine.api import Engine, ModelLoadError, engine_languages, engine_translations
-from engine.remote import RemoteScheduler
+from engine.remote import RemoteScheduler, SchedulerPool
 from engine.scheduler import Scheduler
-from streaming.core.captions import CaptionStore, to_srt, to_vtt
+from streaming.core.captions import to_srt, to_vtt
 from streaming.core.close_codes import CLOSE_INTERNAL, CLOSE_RESUME_FAILED
 from streaming.core.events import ErrorEvent
 from streaming.dialects.audiofork import AudioForkDialect
@@ -42,7 +42,9 @@ from streaming.ops import access, admission, auth, limits, tls, tokens
 from streaming.ops.config import Config, check_language, check_translation
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
+from streaming.transport.bus import build_bus
 from streaming.transport.calls import CallHub, call_events_id
+from streaming.transport.caption_share import caption_store
 from streaming.transport.eventloop import loop_name
 from streaming.transport.registry import StreamRegistry
 from streaming.transport.rest import RestServer
@@ -85,7 +87,7 @@ class Worker:
 
     index: int
     sessions: admission.SharedCount
-    engine_socket: str  # the engine process's unix socket (engine/remote.py)
+    engine_sockets: tuple[str, ...]  # each engine process's unix socket (engine/remote.py)
 
 
 class Gateway:
@@ -111,7 +113,7 @@ class Gateway:
         self.tls = tls_context
         self.load_engine = load_engine
         self.load_refine_engine = load_refine_engine
-        self.scheduler: Scheduler | RemoteScheduler | None = None
+        self.scheduler: Scheduler | RemoteScheduler | SchedulerPool | None = None
         self.metrics = Metrics()
         self.connections: StreamRegistry[Connection] = StreamRegistry()  # live streams
         self.draining = False
@@ -129,13 +131,18 @@ class Gateway:
         self.engine_error: str | None = None
         self.loading: asyncio.Future | None = None
         self.rest: RestServer | None = None  # POST /v1/audio/transcriptions on server.http_port
+        # Call events and caption cues for the other instances (server.redis_url; empty: none).
+        self.bus = build_bus(config.server.redis_url)
         self.calls = CallHub(
             config.server.call_subscriber_hold_s,
             config.server.webhook_url,
             config.server.webhook_retries,
+            self.bus,
         )
         self.audiosocket: asyncio.Server | None = None
-        self.captions = CaptionStore(config.server.caption_sessions, config.server.caption_cues)
+        self.captions = caption_store(
+            self.bus, config.server.caption_sessions, config.server.caption_cues
+        )
 
     @property
     def ready(self) -> bool:
@@ -152,13 +159,10 @@ class Gateway:
         AudioSocket calls alike. At the cap, a stream kept only for a resume makes way for a
         client that is here: with `admit` (a stream is starting), the one whose client has been
         gone longest is ended."""
-        active = len(self.connections) + self.calls.subscribed  # subscribers hold sockets too
-        if self.worker is not None:
-            active = self.worker.sessions.total(active)
         reason = admission.refusal(
             loaded=self.engine_up,
             draining=self.draining,
-            active=active,
+            active=self._count_sessions(),
             limit=self.config.server.max_sessions,
         )
         if reason == "capacity":
@@ -168,6 +172,12 @@ class Gateway:
                     min(waiting, key=lambda c: c.protocol.detached_at).evict()
                 return None
         return reason
+
+    def _count_sessions(self) -> int:
+        """Streams and call subscribers open (subscribers hold sockets too): this process's,
+        published for the other workers, or the whole server's with several workers."""
+        active = len(self.connections) + self.calls.subscribed
+        return active if self.worker is None else self.worker.sessions.total(active)
 
     async def start(self) -> WebSocketServer:
         server = self.config.server
@@ -192,9 +202,10 @@ class Gateway:
                 server.host, server.http_port, ssl_context=self.tls, reuse_port=shared
             )
         if self.worker is not None:
-            self.loading = asyncio.ensure_future(self._connect_engine(self.worker.engine_socket))
+            self.loading = asyncio.ensure_future(self._connect_engine(self.worker.engine_sockets))
         else:
             self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
+        await self.bus.start()  # connects in the background: Redis being away delays nothing
         self._watch()
         return self.server
 
@@ -213,58 +224,24 @@ class Gateway:
         self.watchdog = asyncio.get_running_loop().call_later(WATCHDOG_S, self._watch)
 
     def _load(self) -> None:
-        refine: Engine | None = None
         try:
-            engine = self._load_checked(self.load_engine)
-            if self.load_refine_engine is not None:
-                try:
-                    refine = self._load_checked(self.load_refine_engine)
-                except Exception as err:  # named, as a start-up failure must say which model
-                    name = self.config.engine.refine_model
-                    raise ModelLoadError(
-                        f"cannot load refine model {name!r}: {_load_failure(err)}"
-                    ) from err
-            check_translation(
-                self.config.session.translate_to,
-                None if refine is None else engine_translations(refine),
-                "session.translate_to",
-            )
+            scheduler = build_scheduler(self.config, self.load_engine, self.load_refine_engine)
         except Exception as err:  # reported by /readyz; `run` stops the process with the reason
-            self.engine_error = _load_failure(err)
+            self.engine_error = str(err)
             log.info("engine failed to load", extra={"error": self.engine_error})
             return
-        scheduler = Scheduler(
-            engine,
-            self.config.scheduler,
-            max_batch=self.config.engine.max_batch,
-            refine_engine=refine,
-        )
-        scheduler.start()
         self.metrics.watch(scheduler)
         self.scheduler = scheduler
-        log.info(
-            "engine ready",
-            extra={
-                "family": engine.family,
-                "device": engine.device,
-                "refine_family": refine.family if refine is not None else None,
-            },
-        )
 
-    async def _connect_engine(self, path: str) -> None:
-        """A worker's engine is the engine process's: wait until it answers (it may still be
-        loading the model; its failure stops the whole server, see streaming/supervisor.py)."""
-        remote = RemoteScheduler(path)
-        await remote.start(timeout_s=None)
+    async def _connect_engine(self, paths: tuple[str, ...]) -> None:
+        """A worker's engine is the engine processes' (one per device): wait until each
+        answers (they may still be loading the model; a failure to load stops the whole
+        server, see streaming/supervisor.py)."""
+        members = [RemoteScheduler(path) for path in paths]
+        await asyncio.gather(*(member.start(timeout_s=None) for member in members))
+        remote = members[0] if len(members) == 1 else SchedulerPool(members)
         self.metrics.watch(remote)
         self.scheduler = remote
-
-    def _load_checked(self, load: Callable[[], Engine]) -> Engine:
-        """Load a model that must transcribe the default language: every stream starts from
-        it, so a model without it would serve none."""
-        engine = load()
-        check_language(self.config.session.language, engine_languages(engine), "session.language")
-        return engine
 
     @property
     def port(self) -> int:
@@ -426,6 +403,7 @@ class Gateway:
         )
         connection.on_end = self._ended  # after its last link, or its resume window
         self.connections.register(connection)
+        self._count_sessions()
         self.metrics.sessions.labels(dialect.name).inc()
         self.metrics.sessions_active.inc()
         try:
@@ -436,6 +414,7 @@ class Gateway:
 
     def _ended(self, connection: Connection) -> None:
         self.connections.unregister(connection)
+        self._count_sessions()
         self.metrics.sessions_active.dec()
 
     async def drain(self) -> None:
@@ -466,12 +445,62 @@ class Gateway:
             settling.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await settling
+        await self.bus.aclose(max(0.0, deadline - loop.time()))  # the calls' ends, queued cues
         if self.watchdog is not None:
             self.watchdog.cancel()
         if self.scheduler is not None:
             self.scheduler.stop(timeout=max(0.0, deadline - loop.time()))
         elif self.loading is not None:
             self.loading.cancel()
+
+
+def build_scheduler(
+    config: Config,
+    load_engine: Callable[[], Engine],
+    load_refine_engine: Callable[[], Engine] | None = None,
+) -> Scheduler:
+    """Load the model (and the refine model), check that they serve the configured defaults,
+    and start their scheduler; raises ModelLoadError with the reason in one line. Run by the
+    gateway, or by the engine process of a server with several workers."""
+    refine: Engine | None = None
+    try:
+        engine = _load_checked(config, load_engine)
+        if load_refine_engine is not None:
+            try:
+                refine = _load_checked(config, load_refine_engine)
+            except Exception as err:  # named, as a start-up failure must say which model
+                raise ModelLoadError(
+                    f"cannot load refine model {config.engine.refine_model!r}: "
+                    f"{_load_failure(err)}"
+                ) from err
+        check_translation(
+            config.session.translate_to,
+            None if refine is None else engine_translations(refine),
+            "session.translate_to",
+        )
+    except Exception as err:
+        raise ModelLoadError(_load_failure(err)) from err
+    scheduler = Scheduler(
+        engine, config.scheduler, max_batch=config.engine.max_batch, refine_engine=refine
+    )
+    scheduler.start()
+    log.info(
+        "engine ready",
+        extra={
+            "family": engine.family,
+            "device": engine.device,
+            "refine_family": refine.family if refine is not None else None,
+        },
+    )
+    return scheduler
+
+
+def _load_checked(config: Config, load: Callable[[], Engine]) -> Engine:
+    """Load a model that must transcribe the default language: every stream starts from it, so
+    a model without it would serve none."""
+    engine = load()
+    check_language(config.session.language, engine_languages(engine), "session.language")
+    return engine
 
 
 def _load_failure(err: Exception) -> str:
@@ -534,12 +563,13 @@ async def run(
     on_ready: Callable[[Gateway], None] | None = None,
     load_refine_engine: Callable[[], Engine] | None = None,
     tls_context: ssl.SSLContext | None = None,
+    worker: Worker | None = None,
 ) -> str | None:
     """Serve until SIGTERM/SIGINT, then drain; with TLS on, SIGHUP reloads the certificate.
     Returns the reason when the engine (or the refine engine, when `load_refine_engine` is given)
     could not be loaded (the process should exit with an error), else None. `on_ready` is called
     once the models are loaded (the port answers /healthz before that)."""
-    gateway = Gateway(config, load_engine, load_refine_engine, tls_context)
+    gateway = Gateway(config, load_engine, load_refine_engine, tls_context, worker)
     await gateway.start()
     http_port = gateway.rest.port if gateway.rest is not None else None
     loop = asyncio.get_running_loop()

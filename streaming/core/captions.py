@@ -552,10 +552,21 @@ def to_vtt(cues: Iterable[CaptionCue], offset_ms: int = 0) -> str:
 # --- recent sessions' cues, for GET .../captions.vtt|srt ---------------------------------------
 
 
+class CaptionSink(Protocol):
+    """Where a store also writes its own sessions' cues, so that other server instances can
+    serve their files (streaming/transport/caption_share.py); the store does no I/O itself."""
+
+    def opened(self, session_id: str, origin_ms: int) -> None: ...
+
+    def added(self, session_id: str, origin_ms: int, cue: CaptionCue) -> None: ...
+
+
 @dataclass
 class _Kept:
     origin_ms: int
     cues: deque[CaptionCue] = field(default_factory=deque)
+    local: bool = True  # this server's own session; False: mirrored from another server
+    ids: set[int] = field(default_factory=set)  # a mirrored session's cue ids: no repeats
 
 
 class CaptionStore:
@@ -563,41 +574,79 @@ class CaptionStore:
 
     At most `max_sessions` sessions and `max_cues` cues in all: the session least recently
     given a cue is forgotten first; a single session over `max_cues` loses its oldest cues.
+    With a `sink`, this server's sessions are written there too, and `mirror` keeps the
+    sessions of other servers (within the same bounds), so any server can serve any file.
     """
 
-    def __init__(self, max_sessions: int, max_cues: int) -> None:
+    def __init__(self, max_sessions: int, max_cues: int, sink: CaptionSink | None = None) -> None:
         self.max_sessions = max_sessions
         self.max_cues = max_cues
+        self.sink = sink
         self.sessions: OrderedDict[str, _Kept] = OrderedDict()
         self.total = 0
 
     def open(self, session_id: str, origin_ms: int) -> None:
         """Start (or restart) keeping a session's cues; its files carry programme time."""
-        old = self.sessions.pop(session_id, None)
-        self.total -= len(old.cues) if old else 0
-        self.sessions[session_id] = _Kept(origin_ms)
-        while len(self.sessions) > self.max_sessions:
-            self._forget_oldest()
+        self._start(session_id, _Kept(origin_ms))
+        if self.sink is not None:
+            self.sink.opened(session_id, origin_ms)
 
     def add(self, session_id: str, cue: CaptionCue) -> None:
         kept = self.sessions.get(session_id)
-        if kept is None:
+        if kept is None or not kept.local:
             return  # forgotten already: not kept again
         self.sessions.move_to_end(session_id)
         kept.cues.append(cue)
         self.total += 1
-        while self.total > self.max_cues:
-            if len(self.sessions) > 1:
-                self._forget_oldest()
-            else:
-                kept.cues.popleft()
-                self.total -= 1
+        self._bound(kept)
+        if self.sink is not None:
+            self.sink.added(session_id, kept.origin_ms, cue)
+
+    def mirror(
+        self, session_id: str, origin_ms: int, cues: Iterable[CaptionCue], fresh: bool = False
+    ) -> None:
+        """Keep cues another server gave a session: merged by cue id, so a cue heard twice
+        (live, then when catching up) is kept once. `fresh`: the session (re)started there.
+        This server's own sessions are left alone: they are complete here."""
+        kept = self.sessions.get(session_id)
+        if kept is not None and kept.local:
+            return
+        if kept is None or fresh or kept.origin_ms != origin_ms:
+            kept = self._start(session_id, _Kept(origin_ms, local=False))
+        self.sessions.move_to_end(session_id)
+        for cue in cues:
+            if cue.id not in kept.ids:
+                kept.ids.add(cue.id)
+                kept.cues.append(cue)
+                self.total += 1
+        self._bound(kept)
+
+    def is_local(self, session_id: str) -> bool:
+        """Whether this server keeps the session as its own (not mirrored, not unknown)."""
+        kept = self.sessions.get(session_id)
+        return kept is not None and kept.local
 
     def cues(self, session_id: str, channel: int | None = None) -> tuple[list[CaptionCue], int]:
         """(cues in start order, timecode origin); KeyError for a session not kept."""
         kept = self.sessions[session_id]
         cues = [c for c in kept.cues if channel is None or c.channel == channel]
         return sorted(cues, key=lambda c: (c.start_ms, c.id)), kept.origin_ms
+
+    def _start(self, session_id: str, kept: _Kept) -> _Kept:
+        old = self.sessions.pop(session_id, None)
+        self.total -= len(old.cues) if old else 0
+        self.sessions[session_id] = kept
+        while len(self.sessions) > self.max_sessions:
+            self._forget_oldest()
+        return kept
+
+    def _bound(self, kept: _Kept) -> None:
+        while self.total > self.max_cues:
+            if len(self.sessions) > 1:
+                self._forget_oldest()
+            else:
+                kept.ids.discard(kept.cues.popleft().id)
+                self.total -= 1
 
     def _forget_oldest(self) -> None:
         _, kept = self.sessions.popitem(last=False)

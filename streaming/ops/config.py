@@ -45,13 +45,15 @@ def setting(
     allowed: tuple[Any, ...] | None = None,
     below: str | None = None,
     paired: str | None = None,
+    counts: bool = False,
 ) -> Any:
     """A section field whose limits live next to its default, for the generic validator.
 
     `choices` match case-insensitively; `pattern` must match the whole value and `expect` says in
     words what it accepts; `ge`/`gt`/`le` bound numbers; `allowed` lists the only valid numbers;
     `below` names a field of the same section that this value must stay under; `paired` one that
-    must be set (non-empty) exactly when this one is.
+    must be set (non-empty) exactly when this one is; `counts`: a text setting that may be
+    written as a plain number too.
     """
     limits = {
         "choices": choices,
@@ -63,6 +65,7 @@ def setting(
         "allowed": allowed,
         "below": below,
         "paired": paired,
+        "counts": counts or None,
     }
     return dataclasses.field(
         default=default, metadata={k: v for k, v in limits.items() if v is not None}
@@ -80,8 +83,8 @@ class EngineConfig:
     whisper_model: str = "tiny.en"
     device: str = setting(
         DEFAULT_OPTIONS.device,
-        pattern=r"auto|cpu|cuda(:\d+)?",
-        expect="auto, cpu, cuda or cuda:N",
+        pattern=r"(auto|cpu|cuda(:\d+)?)(,(auto|cpu|cuda(:\d+)?))*",
+        expect="auto, cpu, cuda or cuda:N, or several comma-separated (one engine process each)",
     )
     dtype: str = setting(DEFAULT_OPTIONS.dtype, choices=("auto", "float32", "bfloat16", "float16"))
     max_batch: int = setting(DEFAULT_OPTIONS.max_batch, ge=1)
@@ -159,6 +162,16 @@ class ServerConfig:
     # and how many of its events are kept for a reconnecting client.
     resume_window_s: float = setting(30.0, ge=0, le=3600)
     resume_buffer_events: int = setting(500, ge=10)
+    # Gateway processes accepting on the same ports (SO_REUSEPORT), sharing one engine process
+    # per device: a number, or `auto` (one per CPU core).
+    workers: str = setting(
+        "1", pattern=r"auto|[1-9][0-9]{0,2}", expect="auto or 1 to 999", counts=True
+    )
+    # Call events and caption exports across processes and machines through Redis pub/sub
+    # (redis://HOST:PORT/DB); empty: within this process only.
+    redis_url: str = setting(
+        "", pattern=r"(rediss?://\S+)?", expect="empty (in-process) or a redis:// URL"
+    )
 
 
 # The segmenter's defaults are the session's: declared once, with their reasons, in vad.py.
@@ -420,6 +433,8 @@ def _suggest(word: str, options: Iterable[str], prefix: str = "") -> str:
 def _convert(key: str, raw: object, hint: type, limits: Mapping[str, Any], source: str) -> Any:
     """Turn a raw value (typed from YAML/code, or text from env/flags) into a checked one."""
     try:
+        if limits.get("counts") and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = str(raw)  # a number or a word (`workers: 4`, `workers: auto`)
         value = _coerce(raw, hint)
         return _check(value, limits)
     except ValueError:

@@ -6,9 +6,13 @@ counters are read at scrape time rather than pushed from the worker thread.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from engine.remote import RemoteScheduler, SchedulerPool
 from engine.scheduler import KINDS, Scheduler
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6, 0.8, 1.0, 1.5, 2.5, 5.0, 10.0)
@@ -19,7 +23,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.sessions_active = Gauge("streamscribe_sessions_active", "Open streams", registry=r)
+        self.sessions_active = Gauge(
+            "streamscribe_sessions_active",
+            "Open streams",
+            registry=r,
+            multiprocess_mode="livesum",  # several workers: the sum over the live ones
+        )
+        self.scheduler: SchedulerCollector | None = None
         self.sessions = Counter(
             "streamscribe_sessions", "Streams accepted", ["dialect"], registry=r
         )
@@ -61,12 +71,22 @@ class Metrics:
         self.finals = Counter("streamscribe_finals", "Finals delivered", registry=r)
         self.partials = Counter("streamscribe_partials", "Partials delivered", registry=r)
 
-    def watch(self, scheduler: Scheduler) -> None:
+    def watch(self, scheduler: Scheduler | RemoteScheduler | SchedulerPool) -> None:
         """Export the scheduler's counters from now on (the engine loads after start-up)."""
-        self.registry.register(SchedulerCollector(scheduler))
+        self.scheduler = SchedulerCollector(scheduler)
+        self.registry.register(self.scheduler)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This server's metrics; with several worker processes (server.workers sets
+        PROMETHEUS_MULTIPROC_DIR for them), every worker's, summed, and the engine's once."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, folder)
+        if self.scheduler is not None:
+            registry.register(self.scheduler)
+        return generate_latest(registry)
 
 
 class SchedulerCollector:

@@ -10,6 +10,14 @@ the `call_id`, and `channel` as the track's label, e.g. "inbound") and hands it 
   cut off when it falls that far behind, so a slow subscriber never holds up a call's audio;
 - the webhook (`server.webhook_url`): finals, errors and the session's start and end are POSTed
   as JSON by a background task per call, in order, retried with exponential backoff.
+
+Across instances (`server.redis_url`; streaming/transport/bus.py), a call may stream into one
+instance while its subscriber is connected to another. The instance carrying the call publishes
+each message (numbered by its own `seq`) on the call's channel, says "start" and "end" there,
+and keeps its id in the call's live set (expiring unless refreshed, so a crashed instance
+leaves no call live for good). An instance with a subscriber hears that channel and reads the
+live set when it joins, so the hold works as within one process; it never posts the webhook,
+which stays with the instance carrying the call. Local subscribers never wait on the bus.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from streaming.core.close_codes import CLOSE_NO_CALL, CLOSE_NORMAL, CLOSE_TRY_AGAIN
 from streaming.core.events import Event
 from streaming.dialects.native import NativeDialect
+from streaming.transport.bus import Bus, LocalBus
 from streaming.transport.wsserver import WebSocket
 
 log = logging.getLogger("streaming.transport.calls")
@@ -38,6 +47,12 @@ WEBHOOK_QUEUE = 1000  # messages of one call waiting for the webhook; more are d
 WEBHOOK_EVENTS = frozenset({"session.started", "transcript.final", "error", "session.closed"})
 WEBHOOK_TIMEOUT_S = 5.0
 BACKOFF_S, BACKOFF_MAX_S = 0.25, 8.0  # first retry delay, doubling up to the maximum
+# Across instances: the call's messages ("start", "msg {json}", "end") and who carries it.
+CALL_CHANNEL = "streamscribe:call:{}"
+CALL_LIVE = "streamscribe:call:{}:live"  # a set of instance ids, expiring after LIVE_TTL_S
+LIVE_TTL_S = 30
+SWEEP_S = 10.0  # refresh the live sets of calls carried here; check those followed from here
+FOLLOW_TIMEOUT_S = 1.0  # most a subscriber waits for the bus before it is held locally only
 
 # What a subscriber's queue carries besides messages.
 _END = object()  # the call is over: close normally
@@ -70,15 +85,29 @@ class _Call:
     encoder: NativeDialect = field(default_factory=NativeDialect)  # the call's own `seq`
     publishers: set[str] = field(default_factory=set)  # connections carrying this call
     subscribers: set[_Subscriber] = field(default_factory=set)
-    live: bool = False  # an event has been published
+    live: bool = False  # an event has been published (here or, as heard, elsewhere)
     webhook: asyncio.Queue | None = None  # bounded by `_post_later`
+    owned: bool = False  # this instance told the others that it carries the call
+    remote: set[str] = field(default_factory=set)  # other instances carrying it, as heard
+    followed: asyncio.Future | None = None  # hearing its channel (a subscriber is here)
+    orphaned: bool = False  # a sweep found no instance carrying it: ended at the next one
 
 
 class CallHub:
     """call_id -> subscribers and webhook deliveries; fed by Connections on the event loop."""
 
-    def __init__(self, hold_s: float, webhook_url: str = "", webhook_retries: int = 3) -> None:
+    def __init__(
+        self,
+        hold_s: float,
+        webhook_url: str = "",
+        webhook_retries: int = 3,
+        bus: Bus | None = None,
+    ) -> None:
         self.hold_s = hold_s
+        self.bus = bus if bus is not None else LocalBus()
+        self.sweeper: asyncio.Task | None = None  # with a shared bus, once a call is seen
+        if self.bus.shared:
+            self.bus.on_connect(self._sweep_once)  # catch up on what an outage hid
         self.webhook_url = webhook_url
         self.webhook_retries = webhook_retries
         self.calls: dict[str, _Call] = {}
@@ -96,6 +125,8 @@ class CallHub:
         call = self._call(call_id)
         call.publishers.add(source)
         call.live = True
+        if self.bus.shared and not call.owned:
+            self._announce(call)
         frames = call.encoder.encode(event)
         if not frames:
             return
@@ -105,9 +136,9 @@ class CallHub:
             message["channel"] = labels[channel]
         message["call_id"] = call_id
         text = json.dumps(message)
-        for subscriber in list(call.subscribers):
-            if not subscriber.offer(text):
-                self._cut_off(call, subscriber)
+        self._offer(call, text)
+        if self.bus.shared:
+            self.bus.publish(CALL_CHANNEL.format(call_id), f"msg {text}")
         if self.webhook_url and message["type"] in WEBHOOK_EVENTS:
             self._post_later(call, text)
 
@@ -124,15 +155,125 @@ class CallHub:
             return
         call.publishers.discard(source)
         if not call.publishers:
-            self._finish(call)
+            self._release(call)
+            if not call.remote:  # else its subscribers wait for the other instances too
+                self._finish(call)
+
+    def _offer(self, call: _Call, text: str) -> None:
+        for subscriber in list(call.subscribers):
+            if not subscriber.offer(text):
+                self._cut_off(call, subscriber)
 
     def _finish(self, call: _Call) -> None:
-        if self.calls.get(call.id) is call:
-            del self.calls[call.id]
+        self._forget(call)
         for subscriber in call.subscribers:
             subscriber.offer(_END)
         if call.webhook is not None:
             call.webhook.put_nowait(_END)
+
+    def _forget(self, call: _Call) -> None:
+        if self.calls.get(call.id) is call:
+            del self.calls[call.id]
+        if call.followed is not None:
+            call.followed = None
+            self.bus.unsubscribe(CALL_CHANNEL.format(call.id))
+
+    # --- across instances -------------------------------------------------------------------
+
+    def _announce(self, call: _Call) -> None:
+        """Tell the other instances this one carries the call from now on."""
+        call.owned = True
+        live = CALL_LIVE.format(call.id)
+        self.bus.send(("SADD", live, self.bus.instance), ("EXPIRE", live, LIVE_TTL_S))
+        self.bus.publish(CALL_CHANNEL.format(call.id), "start")
+        self._sweeping()
+
+    def _release(self, call: _Call) -> None:
+        """This instance carries the call no more."""
+        if call.owned:
+            call.owned = False
+            self.bus.send(("SREM", CALL_LIVE.format(call.id), self.bus.instance))
+            self.bus.publish(CALL_CHANNEL.format(call.id), "end")
+
+    async def _follow(self, call: _Call) -> None:
+        """Hear the call's channel, then learn whether another instance carries it already;
+        at most about 2 x FOLLOW_TIMEOUT_S when the bus is down."""
+        if call.followed is None:
+            call.followed = asyncio.ensure_future(self._hear(call))
+            self._sweeping()
+        await asyncio.shield(call.followed)
+
+    async def _hear(self, call: _Call) -> None:
+        channel = CALL_CHANNEL.format(call.id)
+        self.bus.subscribe(channel, lambda sender, payload: self._heard(call.id, sender, payload))
+        await self.bus.subscribed(channel, FOLLOW_TIMEOUT_S)
+        carriers = await self._carriers(call.id)
+        if carriers:
+            call.remote |= carriers
+            call.live = True
+
+    async def _carriers(self, call_id: str) -> set[str] | None:
+        """The other instances carrying the call (None: the bus cannot say now)."""
+        replies = await self.bus.query(
+            ("SMEMBERS", CALL_LIVE.format(call_id)), timeout_s=FOLLOW_TIMEOUT_S
+        )
+        if replies is None or not isinstance(replies[0], (set, list)):
+            return None
+        return set(replies[0]) - {self.bus.instance}
+
+    def _heard(self, call_id: str, sender: str, payload: str) -> None:
+        """A message of the call from the instance `sender`, for this one's subscribers."""
+        call = self.calls.get(call_id)
+        if call is None or self.closed:
+            return
+        kind, _, text = payload.partition(" ")
+        if kind == "end":
+            call.remote.discard(sender)
+            if not call.remote and not call.publishers:
+                self._finish(call)
+            return
+        call.remote.add(sender)
+        call.live = True
+        call.orphaned = False
+        if kind == "msg":
+            self._offer(call, text)
+
+    def _sweeping(self) -> None:
+        if self.sweeper is None and not self.closed:
+            self.sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            if self.closed:
+                return
+            try:
+                await self._sweep_once()
+            except Exception:
+                log.exception("call sweep failed")
+
+    async def _sweep_once(self) -> None:
+        """Keep this instance in the live sets of the calls it carries (they expire otherwise,
+        and may have during an outage); end the calls followed here whose carriers are all
+        gone (crashed, or ended while the bus was away) at the second sweep that finds none."""
+        for call in list(self.calls.values()):
+            if call.owned:
+                live = CALL_LIVE.format(call.id)
+                self.bus.send(("SADD", live, self.bus.instance), ("EXPIRE", live, LIVE_TTL_S))
+        for call in list(self.calls.values()):
+            if call.followed is None or call.publishers or not call.live:
+                continue
+            carriers = await self._carriers(call.id)
+            if carriers is None or self.calls.get(call.id) is not call:
+                continue
+            if carriers:
+                call.remote |= carriers
+                call.orphaned = False
+            elif call.orphaned:
+                call.remote.clear()
+                self._finish(call)
+            else:
+                call.orphaned = True
 
     def _cut_off(self, call: _Call, subscriber: _Subscriber) -> None:
         log.warning(
@@ -160,6 +301,11 @@ class CallHub:
             await _refuse(ws, "too_many_subscribers", f"call {call_id} has enough subscribers")
             await ws.close(CLOSE_TRY_AGAIN, "too many subscribers")
             return
+        while self.bus.shared:  # registered only once it hears the call wherever it runs
+            await self._follow(call)
+            if self.calls.get(call_id) is call:
+                break
+            call = self._call(call_id)  # it ended (or was dropped) meanwhile: a new one
         subscriber = _Subscriber(ws)
         call.subscribers.add(subscriber)
         reader = asyncio.create_task(_read_until_closed(subscriber))
@@ -187,8 +333,8 @@ class CallHub:
             hold.cancel()
             reader.cancel()
             call.subscribers.discard(subscriber)
-            if not call.publishers and not call.subscribers and self.calls.get(call_id) is call:
-                del self.calls[call_id]
+            if not call.publishers and not call.subscribers:
+                self._forget(call)
 
     # --- webhook ----------------------------------------------------------------------------
 
@@ -239,8 +385,11 @@ class CallHub:
     async def aclose(self, timeout_s: float) -> None:
         """Close every subscriber, give pending webhook deliveries `timeout_s`, then stop."""
         self.closed = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         for call in list(self.calls.values()):
             call.publishers.clear()
+            self._release(call)
             self._finish(call)
         if self.deliveries:
             _, late = await asyncio.wait(self.deliveries, timeout=timeout_s)
