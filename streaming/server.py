@@ -49,7 +49,7 @@ from streaming.transport.eventloop import loop_name
 from streaming.transport.registry import StreamRegistry
 from streaming.transport.rest import RestServer
 from streaming.transport.websocket import WATCHDOG_S, Connection, ResumeRefused
-from streaming.transport.wsserver import WebSocket, WebSocketServer
+from streaming.transport.wsserver import Forward, WebSocket, WebSocketServer
 
 log = logging.getLogger("streaming.server")
 
@@ -88,6 +88,23 @@ class Worker:
     index: int
     sessions: admission.SharedCount
     engine_sockets: tuple[str, ...]  # each engine process's unix socket (engine/remote.py)
+    # Each worker's unix socket for connections another worker forwards to it (a resume of a
+    # stream it holds: resume tokens start with "w<index>.").
+    handoff_sockets: tuple[str, ...] = ()
+
+    @property
+    def resume_prefix(self) -> str:
+        return f"w{self.index}."
+
+    def holder(self, resume_token: str) -> str | None:
+        """The handoff socket of the worker a resume token names, when it is another's."""
+        index, dot, _ = resume_token.partition(".")
+        if not dot or not index[1:].isdigit() or not index.startswith("w"):
+            return None
+        number = int(index[1:])
+        if number == self.index or number >= len(self.handoff_sockets):
+            return None
+        return self.handoff_sockets[number]
 
 
 class Gateway:
@@ -202,6 +219,8 @@ class Gateway:
                 server.host, server.http_port, ssl_context=self.tls, reuse_port=shared
             )
         if self.worker is not None:
+            if self.worker.handoff_sockets:
+                await self.server.serve_unix(self.worker.handoff_sockets[self.worker.index])
             self.loading = asyncio.ensure_future(self._connect_engine(self.worker.engine_sockets))
         else:
             self.loading = asyncio.get_running_loop().run_in_executor(None, self._load)
@@ -249,7 +268,9 @@ class Gateway:
 
     # --- HTTP ----------------------------------------------------------------------------------
 
-    def process_request(self, connection: WebSocket, request: Request) -> Response | None:
+    def process_request(
+        self, connection: WebSocket, request: Request
+    ) -> Response | Forward | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
             return _text(http.HTTPStatus.OK, "ok\n")
@@ -281,6 +302,9 @@ class Gateway:
             return _web_file("index.html" if path == "/" else path[len("/web/") :])
         if path not in ROUTES and call_events_id(path) is None:
             return _text(http.HTTPStatus.NOT_FOUND, f"no such endpoint: {path}\n")
+        elsewhere = self._resume_elsewhere(path, request)
+        if elsewhere is not None:
+            return elsewhere
         scope = tokens.STREAM if path in ROUTES else tokens.CALLS
         denied = self._denied(connection, request, scope)
         if denied is not None:
@@ -295,6 +319,18 @@ class Gateway:
             response.headers["Retry-After"] = str(admission.RETRY_AFTER_S)
             return response
         return None
+
+    def _resume_elsewhere(self, path: str, request: Request) -> Forward | None:
+        """With several workers, a resume reaches whichever worker the kernel picks: one for
+        a stream another worker holds goes to that worker (its credentials are checked
+        there)."""
+        if self.worker is None or not _resumes(path, request):
+            return None
+        token = dict(parse_qsl(urlsplit(request.path).query))["resume"]
+        if self.connections.by_resume_token(token) is not None:
+            return None
+        holder = self.worker.holder(token)
+        return Forward(holder) if holder is not None else None
 
     def _denied(
         self, connection: WebSocket, request: Request, scope: str = tokens.STREAM
@@ -400,6 +436,7 @@ class Gateway:
             self.calls,
             captions=self.captions,
             quota=self.limits.meter(ws),  # its key's audio allowance (None: unlimited)
+            resume_prefix="" if self.worker is None else self.worker.resume_prefix,
         )
         connection.on_end = self._ended  # after its last link, or its resume window
         self.connections.register(connection)

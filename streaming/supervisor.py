@@ -118,6 +118,7 @@ def worker_main(
     index: int,
     slots,  # multiprocessing.RawArray of session counts, one per worker
     paths: tuple[str, ...],
+    handoffs: tuple[str, ...],
     messages: multiprocessing.Queue,
     ready_lines: Callable[[object], list[str]] | None,
 ) -> None:
@@ -129,7 +130,7 @@ def worker_main(
 
     setup_logging(config.logging)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which says
-    worker = server.Worker(index, SharedCount(slots, index), paths)
+    worker = server.Worker(index, SharedCount(slots, index), paths, handoffs)
 
     def on_ready(gateway) -> None:
         lines = ready_lines(gateway) if ready_lines is not None else []
@@ -164,6 +165,9 @@ class Supervisor:
             os.path.join(self.folder, f"engine-{index}.sock") for index in range(len(self.devices))
         )
         self.engines: list[BaseProcess | None] = [None] * len(self.devices)
+        self.handoff_sockets = tuple(
+            os.path.join(self.folder, f"worker-{index}.sock") for index in range(workers)
+        )
         self.workers: list[BaseProcess | None] = [None] * workers
         self.stopping = False
 
@@ -213,6 +217,8 @@ class Supervisor:
 
     def _start_worker(self, index: int) -> None:
         self.slots[index] = 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.handoff_sockets[index])
         process = self.context.Process(
             target=worker_main,
             args=(
@@ -220,6 +226,7 @@ class Supervisor:
                 index,
                 self.slots,
                 self.engine_sockets,
+                self.handoff_sockets,
                 self.messages,
                 self.ready_lines if index == 0 else None,
             ),

@@ -114,13 +114,15 @@ class StreamProtocol:
         refine_model: bool = False,
         translations: frozenset[str] = frozenset(),
         quota: Callable[[int], str | None] | None = None,
+        resume_prefix: str = "",
     ) -> None:
         """`languages`: what the engine transcribes (None: any); `backlog`: the scheduler's
         (lag ms, queued audio ms), looked at once a second for `status`; `refine_model`: a
         refine model is loaded (finals may be refined); `translations`: what it translates
         into (a session's `translate_to`); `quota`: told the stream's audio so far once a
         second (and at the end), it answers why the stream must stop (its key's audio
-        allowance is spent: `error` then close 1008), or None."""
+        allowance is spent: `error` then close 1008), or None; `resume_prefix` starts the
+        resume token (it names the worker process that holds the stream)."""
         self.id = session_id
         self.dialect = dialect
         self.query = query
@@ -153,7 +155,7 @@ class StreamProtocol:
         self.audio_bytes = 0
         self.detached_at: float | None = None
         if self.resumable:
-            dialect.resume_token = secrets.token_urlsafe(24)
+            dialect.resume_token = resume_prefix + secrets.token_urlsafe(24)
         self._send: list[str | bytes] = []
         self._submit: list[EngineRequest] = []
         self._publish: list[Event] = []

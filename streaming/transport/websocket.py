@@ -78,8 +78,10 @@ class Connection:
         calls: CallHub | None = None,
         captions: CaptionStore | None = None,
         quota: Callable[[int], str | None] | None = None,
+        resume_prefix: str = "",
     ) -> None:
-        """`quota`: the stream's audio allowance (StreamProtocol's `quota`), None: unlimited."""
+        """`quota`: the stream's audio allowance (StreamProtocol's `quota`), None: unlimited;
+        `resume_prefix`: the start of its resume token (StreamProtocol's)."""
         self.ws = ws
         self.config = config
         self.scheduler = scheduler
@@ -104,6 +106,7 @@ class Connection:
                 else engine_translations(scheduler.refine_engine)
             ),
             quota=quota,
+            resume_prefix=resume_prefix,
         )
         self.results: asyncio.Queue[tuple[EngineRequest, Outcome]] = asyncio.Queue()
         self.progress = asyncio.Event()

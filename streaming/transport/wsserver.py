@@ -19,6 +19,7 @@ import os
 import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
@@ -38,6 +39,15 @@ ProcessRequest = Callable[["WebSocket", Request], Response | None]
 SelectSubprotocol = Callable[["WebSocket", Sequence[str]], str | None]
 
 
+@dataclass(frozen=True)
+class Forward:
+    """What `process_request` returns to hand a connection to another process of the server
+    (its unix socket at `path`): the request's bytes and all that follows are relayed both
+    ways, so that process serves it (a resume of a stream another worker holds)."""
+
+    path: str
+
+
 class WebSocket(asyncio.Protocol):
     """One connection: the handshake, then messages both ways until either side closes."""
 
@@ -55,6 +65,8 @@ class WebSocket(asyncio.Protocol):
             extensions=enable_server_permessage_deflate(None),
         )
         self.request: Request | None = None
+        self.head: bytearray | None = bytearray()  # the bytes before the request was handled
+        self.relay: asyncio.StreamWriter | bytearray | None = None  # set once forwarded
         self.key_id: str | None = None  # the credential's key, once the gateway let it in
         self.transport: asyncio.Transport | None = None
         self.messages: deque[str | bytes] = deque()
@@ -162,11 +174,39 @@ class WebSocket(asyncio.Protocol):
         # A client that never finishes its request would hold the socket for good.
         self.open_timer = self.loop.call_later(OPEN_TIMEOUT_S, self._open_timed_out)
 
+    async def _forward(self, path: str) -> None:
+        """Relay this connection to the process listening on `path`, both ways, until
+        either side closes."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+        except OSError:
+            self.transport.abort()
+            return
+        writer.write(bytes(self.relay))  # the request, and whatever came after it
+        self.relay = writer
+        try:
+            while data := await reader.read(65536):
+                self.transport.write(data)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            self.transport.close()
+
     def _open_timed_out(self) -> None:
         if self.request is None:
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:  # forwarded to another process: relayed as they come
+            if isinstance(relay, bytearray):
+                relay.extend(data)  # still connecting to it
+            else:
+                relay.write(data)
+            return
+        if self.head is not None:
+            self.head.extend(data)
         self.protocol.receive_data(data)
         self._process()
 
@@ -176,6 +216,8 @@ class WebSocket(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if isinstance(self.relay, asyncio.StreamWriter):
+            self.relay.close()
         if self.protocol.state is not State.CLOSED:
             self.protocol.receive_eof()  # the protocol learns the link is gone (close code 1006)
             self.protocol.events_received()
@@ -209,6 +251,8 @@ class WebSocket(asyncio.Protocol):
                 self._frame(event)
             else:
                 self._handshake(event)
+            if self.relay is not None:
+                return  # the other process parses what follows
         self._flush()
 
     def _handshake(self, request: Request) -> None:
@@ -221,6 +265,11 @@ class WebSocket(asyncio.Protocol):
         except Exception:
             log.exception("process_request failed")
             response = self.protocol.reject(500, "internal error\n")
+        head, self.head = self.head, None
+        if isinstance(response, Forward):
+            self.relay = head
+            self.loop.create_task(self._forward(response.path))
+            return
         if response is None:
             response = self.protocol.accept(request)
         if self.protocol.eof_sent:
@@ -362,6 +411,7 @@ class WebSocketServer:
         self.ping_timeout = ping_timeout
         self.connections: set[WebSocket] = set()
         self.server: asyncio.Server | None = None
+        self.handoffs: asyncio.Server | None = None  # connections forwarded by other workers
 
     async def start(
         self,
@@ -378,6 +428,11 @@ class WebSocketServer:
         )
         return self
 
+    async def serve_unix(self, path: str) -> None:
+        """Also serve connections that another process of the server forwards (`Forward`)."""
+        loop = asyncio.get_running_loop()
+        self.handoffs = await loop.create_unix_server(lambda: WebSocket(self), path)
+
     @property
     def sockets(self) -> tuple:
         return tuple(self.server.sockets) if self.server is not None else ()
@@ -385,6 +440,8 @@ class WebSocketServer:
     def close(self) -> None:
         """Stop accepting; open connections get a 1001 close."""
         self.server.close()
+        if self.handoffs is not None:
+            self.handoffs.close()
         for connection in list(self.connections):
             if connection.protocol.state is OPEN:
                 connection.protocol.send_close(1001, "server shutting down")

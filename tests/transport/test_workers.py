@@ -147,3 +147,31 @@ def test_two_workers_one_cap_one_metrics_restarts_and_drain(server):
 
 async def _ready(port: int, status: int) -> bool:
     return (await http_get(port, "/readyz"))[0] == status
+
+
+def test_a_resume_reaches_the_worker_that_holds_the_stream(server):
+    """The kernel hands a reconnecting client to either worker; the one that does not hold the
+    stream forwards the connection to the one that does, so every resume succeeds."""
+
+    async def main():
+        port = server.port
+        ws = await connect(f"ws://127.0.0.1:{port}/v1/stream")
+        started = json.loads(await ws.recv())
+        token, last_seq, outcomes = started["resume_token"], started["seq"], []
+        for _ in range(8):  # 8 reconnects: with 2 workers, about half land on the other one
+            ws.transport.abort()
+            await asyncio.sleep(0.1)
+            ws = await connect(
+                f"ws://127.0.0.1:{port}/v1/stream?resume={token}&last_seq={last_seq}"
+            )
+            resumed = json.loads(await ws.recv())
+            outcomes.append(resumed["type"])
+            last_seq = resumed["seq"]
+        await ws.send(json.dumps({"type": "close"}))
+        closed = (await read_all(ws))[-1]
+        return token, outcomes, closed, ws.close_code
+
+    token, outcomes, closed, code = asyncio.run(main())
+    assert token.startswith(("w0.", "w1."))
+    assert outcomes == ["session.resumed"] * 8
+    assert closed["type"] == "session.closed" and code == 1000
