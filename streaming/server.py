@@ -39,7 +39,7 @@ from streaming.dialects.native import NativeDialect
 from streaming.dialects.openai_realtime import OpenAIRealtimeDialect
 from streaming.dialects.twilio import TwilioDialect
 from streaming.ops import access, admission, auth, limits, tls, tokens
-from streaming.ops.config import Config, check_language, check_translation
+from streaming.ops.config import Config, ConfigError, check_language, check_translation
 from streaming.ops.metrics import Metrics
 from streaming.transport import audiosocket
 from streaming.transport.bus import build_bus
@@ -136,6 +136,10 @@ class Gateway:
         self.draining = False
         self.keys = auth.parse_keys(config.server.api_keys)
         self.guard = auth.Guard(self.keys)  # both ports: the same keys and bad-key throttle
+        try:  # the proxies whose X-Forwarded-For names the client
+            self.trusted_proxies = auth.parse_networks(config.server.trusted_proxies)
+        except ValueError as err:
+            raise ConfigError(f"server.trusted_proxies: {err}") from None
         # Keys or the tokens they mint (TokenSecretError, a ConfigError, stops start-up), and
         # the keys' stream and audio limits (server.key_limits; none while keys are off).
         secret = tokens.load_secret(config.server.token_secret, config.server.token_secret_file)
@@ -345,7 +349,11 @@ class Gateway:
             urlsplit(request.path).query,
         )
         peer = connection.transport.get_extra_info("peername") if connection.transport else None
-        client = str(peer[0]) if peer else ""
+        client = auth.client_address(
+            str(peer[0]) if peer else "",
+            request.headers.get("X-Forwarded-For", ""),
+            self.trusted_proxies,
+        )
         now = asyncio.get_running_loop().time()
         verdict = self.access.check(offered, client, now, time.time(), scope)
         if isinstance(verdict, access.Denial):

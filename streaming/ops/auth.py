@@ -4,6 +4,7 @@ one rule for what a request offers (a key or a token, on both ports) is streamin
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Collection
@@ -19,6 +20,43 @@ MAX_CLIENTS = 10000  # addresses remembered; the least recently failed one goes 
 def parse_keys(text: str) -> frozenset[str]:
     """The keys of `server.api_keys` (comma-separated; empty items ignored)."""
     return frozenset(key.strip() for key in text.split(",") if key.strip())
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """`server.trusted_proxies`: comma-separated addresses or networks (CIDR); ValueError
+    names an entry that is neither."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"not an IP address or network: {item!r}") from None
+    return tuple(networks)
+
+
+def client_address(peer: str, forwarded_for: str, trusted: tuple[Network, ...]) -> str:
+    """Who a request comes from, for the bad-key throttle: the TCP peer, unless it is a
+    trusted proxy (nginx in front of several instances); then the nearest address in
+    `X-Forwarded-For` that is not a trusted proxy itself (the ones further left could be
+    made up by the client)."""
+    if not trusted or not _trusted(peer, trusted):
+        return peer
+    for hop in reversed([part.strip() for part in forwarded_for.split(",") if part.strip()]):
+        if not _trusted(hop, trusted):
+            return hop
+    return peer
+
+
+def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
 
 
 def key_ok(offered: str | None, keys: Collection[str]) -> bool:

@@ -151,6 +151,13 @@ class ServerConfig:
     token_secret: str = ""
     token_secret_file: str = ""
     token_max_ttl_s: float = setting(3600.0, gt=0, le=86400)
+    # Proxies (nginx) whose X-Forwarded-For names the client, for the bad-key throttle:
+    # comma-separated addresses or networks; empty: the TCP peer is the client.
+    trusted_proxies: str = setting(
+        "",
+        pattern=r"[0-9A-Fa-f:.,/\s]*",
+        expect="empty or comma-separated IP addresses or networks, e.g. 10.0.0.0/8",
+    )
     # Per-key limits: "KEY:STREAMS:HOURS" items, comma-separated; KEY `*` applies to every key
     # without its own item; 0 = unlimited (concurrent streams; audio hours per UTC day).
     key_limits: str = setting(

@@ -49,7 +49,7 @@ from engine.api import (
 from engine.audio import resample
 from engine.scheduler import Kind, Outcome, Request
 from streaming.core.captions import cues_from_words, to_srt, to_vtt
-from streaming.ops import tokens
+from streaming.ops import auth, tokens
 from streaming.ops.access import Denial, Principal, offered
 from streaming.ops.admission import RETRY_AFTER_S, refusal
 from streaming.ops.config import ConfigError, ServerConfig, check_language, parse_bool
@@ -266,8 +266,13 @@ class RestServer:
         `?api_key=` / `?token=`; 429 once the address sent too many bad ones."""
         credential = offered(request.headers.get("Authorization", ""), (), request.query_string)
         now = asyncio.get_running_loop().time()
+        client = auth.client_address(
+            request.remote or "",
+            request.headers.get("X-Forwarded-For", ""),
+            self.gateway.trusted_proxies,
+        )
         verdict = self.gateway.access.check(
-            credential, request.remote or "", now, time.time(), scope, allow_tokens
+            credential, client, now, time.time(), scope, allow_tokens
         )
         if not isinstance(verdict, Denial):
             return verdict

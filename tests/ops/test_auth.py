@@ -58,3 +58,41 @@ def test_api_keys_and_audiosocket_host_defaults():
     config = load_config(env={"STREAMSCRIBE_SERVER__API_KEYS": "k1, ,k2"})
     assert auth.parse_keys(config.server.api_keys) == {"k1", "k2"}
     assert load_config(env={}).server.audiosocket_host == "127.0.0.1"
+
+
+def test_the_client_behind_a_trusted_proxy_is_the_nearest_untrusted_forwarded_address():
+    trusted = auth.parse_networks("127.0.0.1, 10.0.0.0/8")
+    assert auth.client_address("127.0.0.1", "203.0.113.7", trusted) == "203.0.113.7"
+    # a client may put anything on the left; the proxies' own hops are skipped from the right
+    assert auth.client_address("127.0.0.1", "1.2.3.4, 203.0.113.7, 10.1.2.3", trusted) == (
+        "203.0.113.7"
+    )
+    assert auth.client_address("198.51.100.9", "203.0.113.7", trusted) == "198.51.100.9"
+    assert auth.client_address("127.0.0.1", "", trusted) == "127.0.0.1"
+    assert auth.client_address("127.0.0.1", "203.0.113.7", ()) == "127.0.0.1"
+    with pytest.raises(ValueError, match="'nginx'"):
+        auth.parse_networks("127.0.0.1,nginx")
+
+
+def test_behind_a_trusted_proxy_one_clients_bad_keys_do_not_block_the_others():
+    import asyncio
+
+    from tests.gateway_harness import EchoEngine, gateway_config, running
+
+    async def main():
+        config = gateway_config(api_keys="good", trusted_proxies="127.0.0.1")
+        async with running(config, EchoEngine()) as gw:
+            statuses = []
+            for forwarded, key in [("203.0.113.7", "bad")] * 11 + [("198.51.100.9", "good")]:
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(
+                    f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                    f"X-Forwarded-For: {forwarded}\r\n\r\n".encode()
+                )
+                statuses.append(int((await reader.readline()).split()[1]))
+                writer.close()
+            return statuses
+
+    statuses = asyncio.run(main())
+    assert statuses[:10] == [401] * 10 and statuses[10] == 429  # that client is blocked
+    assert statuses[11] == 200  # another client, through the same proxy, is not
