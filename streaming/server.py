@@ -91,6 +91,9 @@ class Worker:
     # Each worker's unix socket for connections another worker forwards to it (a resume of a
     # stream it holds: resume tokens start with "w<index>.").
     handoff_sockets: tuple[str, ...] = ()
+    # Every worker's use of each API key (streams, audio ms, day), for server.key_limits:
+    # shared-memory arrays, see streaming/ops/limits.py SharedUse; None without keys.
+    key_use: tuple | None = None
 
     @property
     def resume_prefix(self) -> str:
@@ -144,8 +147,12 @@ class Gateway:
         # the keys' stream and audio limits (server.key_limits; none while keys are off).
         secret = tokens.load_secret(config.server.token_secret, config.server.token_secret_file)
         self.access = access.Access(self.guard, tokens.Signer(secret))
+        shared_use = None
+        if worker is not None and worker.key_use is not None:
+            key_ids = [self.access.signer.key_id(key) for key in sorted(self.keys)]
+            shared_use = limits.SharedUse(*worker.key_use, worker.index, key_ids)
         self.limits = limits.Limits.build(
-            config.server.key_limits, self.keys, self.access.signer.key_id
+            config.server.key_limits, self.keys, self.access.signer.key_id, shared_use
         )
         self.server: WebSocketServer | None = None
         self.watchdog: asyncio.TimerHandle | None = None

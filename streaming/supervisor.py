@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
+from streaming.ops import auth
 from streaming.ops.config import Config
 
 log = logging.getLogger("streaming.supervisor")
@@ -74,6 +76,16 @@ def reserve_ports(config: Config) -> tuple[Config, list[socket.socket]]:
         audiosocket_port=server.audiosocket_port and reserve(server.audiosocket_port),
     )
     return dataclasses.replace(config, server=changed), held
+
+
+def shared_token_secret(config: Config) -> Config:
+    """Every worker must sign and check tokens with one secret: without a configured one, one
+    is drawn here for this run (a single process would draw its own)."""
+    server = config.server
+    if server.token_secret or server.token_secret_file:
+        return config
+    secret = secrets.token_hex(32)
+    return dataclasses.replace(config, server=dataclasses.replace(server, token_secret=secret))
 
 
 # --- the child processes (started with `spawn`: a fresh interpreter, no inherited threads) ---
@@ -119,6 +131,7 @@ def worker_main(
     slots,  # multiprocessing.RawArray of session counts, one per worker
     paths: tuple[str, ...],
     handoffs: tuple[str, ...],
+    key_use: tuple | None,
     messages: multiprocessing.Queue,
     ready_lines: Callable[[object], list[str]] | None,
 ) -> None:
@@ -130,7 +143,7 @@ def worker_main(
 
     setup_logging(config.logging)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which says
-    worker = server.Worker(index, SharedCount(slots, index), paths, handoffs)
+    worker = server.Worker(index, SharedCount(slots, index), paths, handoffs, key_use)
 
     def on_ready(gateway) -> None:
         lines = ready_lines(gateway) if ready_lines is not None else []
@@ -159,6 +172,16 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.messages = self.context.Queue()
         self.slots = self.context.RawArray("i", workers)
+        keys = len(auth.parse_keys(config.server.api_keys))  # server.key_limits, per key
+        self.key_use = (
+            (
+                self.context.RawArray("i", workers * keys),
+                self.context.RawArray("d", workers * keys),
+                self.context.RawArray("i", workers),
+            )
+            if keys
+            else None
+        )
         self.folder = tempfile.mkdtemp(prefix="streamscribe-")  # 0700: ours alone
         self.devices = config.engine.device.split(",")
         self.engine_sockets = tuple(
@@ -177,7 +200,7 @@ class Supervisor:
         os.mkdir(metrics)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics  # read by each child at start
         config, held = reserve_ports(self.config)
-        self.config = config
+        self.config = shared_token_secret(config)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         signal.signal(signal.SIGHUP, self._forward_hangup)
@@ -217,6 +240,10 @@ class Supervisor:
 
     def _start_worker(self, index: int) -> None:
         self.slots[index] = 0
+        if self.key_use is not None:  # a dead worker's streams are gone; its audio counts
+            streams, _, _ = self.key_use
+            width = len(streams) // self.count
+            streams[index * width : (index + 1) * width] = [0] * width
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.handoff_sockets[index])
         process = self.context.Process(
@@ -227,6 +254,7 @@ class Supervisor:
                 self.slots,
                 self.engine_sockets,
                 self.handoff_sockets,
+                self.key_use,
                 self.messages,
                 self.ready_lines if index == 0 else None,
             ),

@@ -6,7 +6,9 @@ its tokens share the key's count. A token's `max_streams` caps the streams it ma
 a stream opened with it is refused when the key already has min(key limit, max_streams) open.
 A stream slot is taken at the handshake and given back when its connection ends; the audio of
 streams (told by their `quota` meter about once a second) and of uploads adds to the key's use of
-the current UTC day, which starts again at 00:00 UTC. State is in memory, per process.
+the current UTC day, which starts again at 00:00 UTC. State is in memory; with several
+worker processes (`server.workers`) each publishes its use in shared memory (`SharedUse`) and
+the limits count every worker's.
 """
 
 from __future__ import annotations
@@ -60,6 +62,45 @@ def parse_limits(text: str) -> dict[str, KeyLimit]:
     return limits
 
 
+class SharedUse:
+    """Every worker's use of every key, in shared memory: row `index` is this worker's (only
+    it writes there; the supervisor zeroes a dead worker's row), columns are the server's API
+    keys in sorted order. Two workers admitting at the same instant may pass a key's stream
+    limit by one each."""
+
+    def __init__(self, streams, audio_ms, days, index: int, key_ids: list[str]) -> None:
+        """`streams` (int) and `audio_ms` (float): workers x keys arrays; `days`: the UTC day
+        of each worker's audio row."""
+        self.streams_by_row = streams
+        self.audio_by_row = audio_ms
+        self.days = days
+        self.index = index
+        self.columns = {key_id: column for column, key_id in enumerate(key_ids)}
+        self.width = len(key_ids)
+
+    def publish(self, open_streams: Counter[str], used_ms: Counter[str], day: int) -> None:
+        start = self.index * self.width
+        for key_id, column in self.columns.items():
+            self.streams_by_row[start + column] = open_streams[key_id]
+            self.audio_by_row[start + column] = used_ms[key_id]
+        self.days[self.index] = day
+
+    def streams(self, key_id: str) -> int:
+        column = self.columns.get(key_id)
+        if column is None:
+            return 0
+        return sum(self.streams_by_row[column :: self.width])
+
+    def used_ms(self, key_id: str, day: int) -> float:
+        column = self.columns.get(key_id)
+        if column is None:
+            return 0.0
+        rows = range(len(self.days))
+        return sum(
+            self.audio_by_row[row * self.width + column] for row in rows if self.days[row] == day
+        )
+
+
 class Limits:
     """The limits of one server's keys and what each key uses now. `clock` is unix time (a
     test may move it across midnight)."""
@@ -69,8 +110,10 @@ class Limits:
         by_id: dict[str, KeyLimit],
         default: KeyLimit = KeyLimit(),
         clock: Callable[[], float] = time.time,
+        shared: SharedUse | None = None,
     ) -> None:
         self.by_id = by_id
+        self.shared = shared
         self.default = default
         self.clock = clock
         self.holders: dict[Hashable, str] = {}  # stream (its connection) -> key identity
@@ -79,12 +122,20 @@ class Limits:
         self.used_ms: Counter[str] = Counter()  # key identity -> audio ms today
 
     @classmethod
-    def build(cls, text: str, keys: Collection[str], key_id: Callable[[str], str]) -> Limits:
+    def build(
+        cls,
+        text: str,
+        keys: Collection[str],
+        key_id: Callable[[str], str],
+        shared: SharedUse | None = None,
+    ) -> Limits:
         """From `server.key_limits`; items for keys that are not in `keys` are ignored (a key
-        is a secret: it is not named in an error), `*` applies to every key without its own."""
+        is a secret: it is not named in an error), `*` applies to every key without its own.
+        `shared`: the other workers' use (server.workers)."""
         items = parse_limits(text)
         default = items.pop(DEFAULT, KeyLimit())
-        return cls({key_id(key): limit for key, limit in items.items() if key in keys}, default)
+        by_id = {key_id(key): limit for key, limit in items.items() if key in keys}
+        return cls(by_id, default, shared=shared)
 
     def limit(self, key_id: str) -> KeyLimit:
         return self.by_id.get(key_id, self.default)
@@ -97,14 +148,16 @@ class Limits:
         if spent is not None:
             return spent
         allowed = min((n for n in (self.limit(key_id).streams, cap or 0) if n > 0), default=0)
-        if allowed and self.open[key_id] >= allowed:
+        open_now = self.open[key_id] if self.shared is None else self.shared.streams(key_id)
+        if allowed and open_now >= allowed:
             return Refusal(
-                f"too many streams for this key: {self.open[key_id]} open, at most {allowed}",
+                f"too many streams for this key: {open_now} open, at most {allowed}",
                 STREAM_RETRY_AFTER_S,
             )
         self.release(holder)
         self.holders[holder] = key_id
         self.open[key_id] += 1
+        self._publish()
         return None
 
     def release(self, holder: Hashable) -> None:
@@ -114,6 +167,7 @@ class Limits:
             self.open[key_id] -= 1
             if self.open[key_id] <= 0:
                 del self.open[key_id]
+            self._publish()
 
     def spent(self, key_id: str) -> Refusal | None:
         """A refusal until the next UTC midnight when the key's audio of today is used up."""
@@ -121,7 +175,12 @@ class Limits:
         if not hours:
             return None
         self._roll()
-        if self.used_ms[key_id] < hours * MS_PER_HOUR:
+        used = (
+            self.used_ms[key_id]
+            if self.shared is None
+            else self.shared.used_ms(key_id, self.day)
+        )
+        if used < hours * MS_PER_HOUR:
             return None
         now = self.clock()
         retry = max(1, math.ceil((math.floor(now / DAY_S) + 1) * DAY_S - now))
@@ -135,6 +194,7 @@ class Limits:
         if audio_ms > 0 and self.limit(key_id).hours:
             self._roll()
             self.used_ms[key_id] += audio_ms
+            self._publish()
 
     def meter(self, holder: Hashable) -> Callable[[int], str | None] | None:
         """The `quota` of the holder's stream (None: no allowance to keep): told the stream's
@@ -162,3 +222,8 @@ class Limits:
         if today != self.day:
             self.day = today
             self.used_ms.clear()
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.shared is not None:
+            self.shared.publish(self.open, self.used_ms, self.day)

@@ -175,3 +175,50 @@ def test_a_resume_reaches_the_worker_that_holds_the_stream(server):
     assert token.startswith(("w0.", "w1."))
     assert outcomes == ["session.resumed"] * 8
     assert closed["type"] == "session.closed" and code == 1000
+
+
+def test_key_limits_and_tokens_hold_across_workers(tmp_path):
+    """A key's stream limit counts the streams of every worker, and a token minted by one
+    worker is good on the other (one token secret for the whole server)."""
+    import urllib.request
+
+    config = tmp_path / "config.yaml"
+    config.write_text('server:\n  api_keys: "k1"\n  key_limits: "k1:3:0"\n')
+    running = Server(config)
+    try:
+        rest = int(
+            next(x for x in running.lines if "REST" in x).split("127.0.0.1:")[1].split("/")[0]
+        )
+
+        def mint() -> str:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{rest}/v1/auth/token",
+                data=b"{}",
+                headers={"Authorization": "Bearer k1", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())["token"]
+
+        async def main():
+            url = f"ws://127.0.0.1:{running.port}/v1/stream"
+            tokens = [await asyncio.to_thread(mint) for _ in range(6)]  # minted on either worker
+            accepted = 0
+            for token in tokens:  # each used on either worker
+                async with connect(f"{url}?token={token}") as ws:
+                    accepted += json.loads(await ws.recv())["type"] == "session.started"
+            headers = {"Authorization": "Bearer k1"}
+            held = [await connect(url, additional_headers=headers) for _ in range(3)]
+            refused = []
+            for _ in range(4):  # whichever worker the kernel picks refuses a fourth
+                with pytest.raises(InvalidStatus) as info:
+                    await connect(url, additional_headers=headers)
+                refused.append(info.value.response.status_code)
+            for ws in held:
+                await ws.close()
+            return accepted, refused
+
+        accepted, refused = asyncio.run(main())
+    finally:
+        running.close()
+    assert accepted == 6
+    assert refused == [429] * 4
