@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -45,6 +46,7 @@ POLL_S = 0.2  # how often the supervisor looks at its processes and messages
 STOP_MARGIN_S = 5.0  # beyond drain_grace_s, how long a worker may take to exit before a kill
 ENGINE_STOP_S = 30.0  # how long the engine process may take to finish its queued finals
 RESTART_PAUSE_S = 1.0  # between a process dying and its restart (no tight crash loop)
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
 
 
 def worker_count(setting: str) -> int:
@@ -91,13 +93,26 @@ def shared_token_secret(config: Config) -> Config:
 # --- the child processes (started with `spawn`: a fresh interpreter, no inherited threads) ---
 
 
-def engine_main(config: Config, path: str, messages: multiprocessing.Queue) -> None:
+def _follow_parent(parent: int) -> None:
+    """A child must not outlive a supervisor that was killed (SIGKILL gives it no chance to
+    stop us): on Linux the kernel sends us SIGTERM when the parent dies."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def engine_main(
+    config: Config, path: str, messages: multiprocessing.Queue, parent: int
+) -> None:
     """The engine process: load the models, then serve the scheduler until SIGTERM."""
     from engine import remote, selection
     from streaming.ops.logs import setup_logging
     from streaming.server import build_scheduler
 
     setup_logging(config.logging)
+    _follow_parent(parent)
     refine = config.engine.refine
     try:
         scheduler = build_scheduler(
@@ -134,6 +149,7 @@ def worker_main(
     key_use: tuple | None,
     messages: multiprocessing.Queue,
     ready_lines: Callable[[object], list[str]] | None,
+    parent: int,
 ) -> None:
     """A gateway worker: serve until SIGTERM, then drain."""
     from streaming import server
@@ -142,6 +158,7 @@ def worker_main(
     from streaming.transport import eventloop
 
     setup_logging(config.logging)
+    _follow_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which says
     worker = server.Worker(index, SharedCount(slots, index), paths, handoffs, key_use)
 
@@ -231,7 +248,12 @@ class Supervisor:
         engine = dataclasses.replace(self.config.engine, device=self.devices[index])
         process = self.context.Process(
             target=engine_main,
-            args=(dataclasses.replace(self.config, engine=engine), path, self.messages),
+            args=(
+                dataclasses.replace(self.config, engine=engine),
+                path,
+                self.messages,
+                os.getpid(),
+            ),
             name=f"streamscribe-engine-{index}",
         )
         process.start()
@@ -257,6 +279,7 @@ class Supervisor:
                 self.key_use,
                 self.messages,
                 self.ready_lines if index == 0 else None,
+                os.getpid(),
             ),
             name=f"streamscribe-worker-{index}",
         )

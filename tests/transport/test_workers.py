@@ -61,8 +61,13 @@ class Server:
         return [entry["pid"] for entry in self.logs(message) if entry["pid"] in running]
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # its children follow it (they die with their parent)
+                self.proc.wait()
 
 
 @pytest.fixture
@@ -143,6 +148,16 @@ def test_two_workers_one_cap_one_metrics_restarts_and_drain(server):
     assert all(messages[-1]["type"] == "session.closed" for messages in ended)
     assert codes == [1001, 1001]
     assert server.proc.wait(timeout=30) == 0
+
+
+def test_children_do_not_outlive_a_killed_supervisor(server):
+    children = server.alive("worker started") + server.alive("engine process started")
+    server.proc.kill()  # no chance to stop them
+    server.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 
 async def _ready(port: int, status: int) -> bool:
