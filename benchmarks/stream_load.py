@@ -1,10 +1,12 @@
 """Load test of the streaming server: N concurrent real-time streams of real speech.
 
-The server runs as its own process (its CPU time is read from /proc/<pid>/stat, and the load
-generator does not share its event loop). Each stream plays the LibriVox clips of
-pocketsphinx-testdata separated by 1.5-3 s of quiet, paced at real time over the native protocol,
-then sends `close`. Streams start at evenly spread points of the same cyclic tape, so they do not
-all speak at once; a clip cut by a stream's start or end is replaced by quiet.
+The server runs as its own process (its CPU time, with its child processes', is read from
+/proc/<pid>/stat, and the load generator does not share its event loop); `--workers 1,2` starts
+one server per count of gateway worker processes (server.workers) and runs every level on each.
+Each stream plays the LibriVox clips of pocketsphinx-testdata separated by 1.5-3 s of quiet,
+paced at real time over the native protocol, then sends `close`. Streams start at evenly spread
+points of the same cyclic tape, so they do not all speak at once; a clip cut by a stream's start
+or end is replaced by quiet.
 
 Pacing is that of a live microphone: frame k (audio [k*f, (k+1)*f)) leaves when its last sample
 has been spoken, at t0 + (k+1)*f, and audio time t is spoken at t0 + t. Latencies are measured
@@ -34,6 +36,7 @@ much CPU other processes took, so a run disturbed by either can be told apart an
     python -m benchmarks.stream_load --model whisper --streams 1,2,4
     python -m benchmarks.stream_load --model whisper --ramp --streams 1   # 1, 2, 4, ...
     python -m benchmarks.stream_load --model whisper --refine-model base --streams 1,4
+    python -m benchmarks.stream_load --model noop --workers 1,2 --streams 200,400,600,800
     python -m benchmarks.stream_load --url ws://127.0.0.1:8765 --streams 8   # a running server
 """
 
@@ -249,8 +252,26 @@ def proc_cpu_seconds(stat: str, ticks_per_s: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks_per_s
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (/proc/<pid>/task/*/children, recursively)."""
+    pids = [pid]
+    for parent in pids:  # grows as children are found
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):  # a thread or process that just ended
+                pids += [int(child) for child in children.read_text().split()]
+    return pids
+
+
 def process_cpu_seconds(pid: int) -> float:
-    return proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+    """CPU seconds of `pid` and its live descendants: a server with server.workers > 1 is a
+    supervisor with an engine process and gateway workers. A child is counted only while it
+    lives: one that exits between two readings (a worker restarted mid-run) loses its time."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = proc_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), ticks)
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):  # it ended since it was listed
+            total += proc_cpu_seconds(Path(f"/proc/{child}/stat").read_text(), ticks)
+    return total
 
 
 def machine_busy_seconds(stat: str, ticks_per_s: int) -> float:
@@ -484,10 +505,12 @@ class ServerProcess:
 
 @contextlib.asynccontextmanager
 async def spawned_server(
-    model: str, config: str | None, refine_model: str | None = None
+    model: str, config: str | None, refine_model: str | None = None, workers: int = 1
 ) -> AsyncIterator[ServerProcess]:
     """`python -m streaming serve` on a free loopback port, ready (model loaded) on entry and
-    drained with SIGTERM on exit. Its log goes to a file, named on stderr."""
+    drained with SIGTERM on exit. Its log goes to a file, named on stderr. With `workers` > 1
+    (server.workers) it is a supervisor: every gateway worker logs "listening" and the engine
+    process "engine ready", all to the same log."""
     fd, name = tempfile.mkstemp(prefix="stream_load-server-", suffix=".log")
     log = Path(name)
     command = [sys.executable, "-m", "streaming", "--log-level", "info"]
@@ -500,15 +523,19 @@ async def spawned_server(
         **os.environ,
         "STREAMSCRIBE_LOGGING__FORMAT": "json",
         "STREAMSCRIBE_SERVER__HTTP_PORT": "0",
+        "STREAMSCRIBE_SERVER__WORKERS": str(workers),
     }
-    progress(f"starting server: {' '.join(command[1:])} (log: {log})")
+    note = f"server.workers {workers}, " if workers > 1 else ""
+    progress(f"starting server: {' '.join(command[1:])} ({note}log: {log})")
     with os.fdopen(fd, "w") as sink:
         proc = subprocess.Popen(command, cwd=REPO, stderr=sink, env=env)
     try:
-        listening = await _log_record(proc, log, "listening", 120)
+        listening = await _log_record(proc, log, "listening", 120, count=workers)
         port = int(listening["port"])
         server = Endpoints(f"ws://127.0.0.1:{port}/v1/stream", f"http://127.0.0.1:{port}")
-        await _until_ready(server, proc, log)
+        # the kernel spreads connections over the workers: ready several times in a row, so
+        # that each worker has answered ready (has reached the engine process) in all likelihood
+        await _until_ready(server, proc, log, in_a_row=1 if workers == 1 else 8 * workers)
         ready = await _log_record(proc, log, "engine ready", 10)  # logged as it turns ready
         yield ServerProcess(proc.pid, server, listening.get("event_loop"), ready.get("family"))
     finally:
@@ -524,16 +551,22 @@ def _died(proc: subprocess.Popen, log: Path) -> SystemExit:
     return SystemExit(f"the server exited with status {proc.returncode}:\n{tail}")
 
 
-async def _log_record(proc: subprocess.Popen, log: Path, msg: str, timeout_s: float) -> dict:
-    """The server's first log record with `msg`: "listening" (its port, its event loop),
-    "engine ready" (its engine family and device)."""
+async def _log_record(
+    proc: subprocess.Popen, log: Path, msg: str, timeout_s: float, count: int = 1
+) -> dict:
+    """The server's `count`th log record with `msg` (the first by default): "listening" (its
+    port, its event loop; one per gateway worker), "engine ready" (its engine family and
+    device)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        found = []
         for line in log.read_text().splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 record = json.loads(line)
                 if record.get("msg") == msg:
-                    return record
+                    found.append(record)
+        if len(found) >= count:
+            return found[count - 1]
         if proc.poll() is not None:
             raise _died(proc, log)
         await asyncio.sleep(0.1)
@@ -541,20 +574,27 @@ async def _log_record(proc: subprocess.Popen, log: Path, msg: str, timeout_s: fl
 
 
 async def _until_ready(
-    server: Endpoints, proc: subprocess.Popen | None, log: Path | None, timeout_s: float = 600
+    server: Endpoints,
+    proc: subprocess.Popen | None,
+    log: Path | None,
+    timeout_s: float = 600,
+    in_a_row: int = 1,
 ) -> None:
+    """Until /readyz answers 200 `in_a_row` times in a row (each on a new connection)."""
     deadline = time.monotonic() + timeout_s
-    why = "no answer"
+    why, ready = "no answer", 0
     while time.monotonic() < deadline:
         try:  # a server started beside the benchmark may not listen yet
             status, why = await asyncio.to_thread(http_get, f"{server.http}/readyz")
         except OSError as err:
             status, why = 0, str(err)
-        if status == 200:
+        ready = ready + 1 if status == 200 else 0
+        if ready >= in_a_row:
             return
         if proc is not None and proc.poll() is not None:
             raise _died(proc, log)
-        await asyncio.sleep(0.2)
+        if not ready:
+            await asyncio.sleep(0.2)
     raise SystemExit(f"the server was not ready within {timeout_s:g} s: {why.strip()}")
 
 
@@ -830,6 +870,7 @@ def level_figures(
         "streams_per_core": streams_per_core,
         "generator_cpu_s": round(run.generator_cpu_s, 2),
         "other_cpu_cores": round(max(0.0, other_cpu_s) / run.wall_s, 2),
+        "machine_busy_cores": round(run.machine_cpu_s / run.wall_s, 2),
         "generator_send_late_ms": summary([x for r in run.records for x in r.send_late_ms]),
         "hangover_ms": hangover_ms,
         "caption_delay_p95_s": caption_p95,
@@ -924,6 +965,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frame-ms", type=int, default=100, help="audio per WebSocket frame")
     parser.add_argument("--url", help="use this running server (ws://host:port) instead")
     parser.add_argument(
+        "--workers",
+        default="1",
+        help="gateway worker processes of the started server (server.workers, over --config's),"
+        " or a list: 1,2 starts a server with each count in turn and runs every level on it",
+    )
+    parser.add_argument(
         "--refine-model",
         metavar="M",
         help="the started server's refine model (its --refine-model); streams refine async",
@@ -953,6 +1000,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.levels = [int(n) for n in args.streams.split(",")]
     except ValueError:
         parser.error(f"--streams: expected numbers separated by commas, got {args.streams!r}")
+    try:
+        args.worker_counts = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers: expected numbers separated by commas, got {args.workers!r}")
+    if any(n < 1 for n in args.worker_counts):
+        parser.error("--workers must be >= 1")
+    if args.url and args.worker_counts != [1]:
+        parser.error("--workers starts servers with that many workers: not with --url")
     if any(n < 1 for n in args.levels) or args.seconds <= 0 or args.frame_ms < 10:
         parser.error("--streams must be >= 1, --seconds > 0 and --frame-ms >= 10")
     return args
@@ -971,10 +1026,11 @@ def levels_to_run(levels: list[int], ramp: bool) -> list[int]:
     return levels
 
 
-async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
-    """Run every level on one server and record the figures with write_result."""
-    clips = load_clips(args.frame_ms)
-    tape = build_tape(clips, args.frame_ms)
+async def run_levels(
+    args: argparse.Namespace, clips: list[Clip], tape: Tape, workers: int
+) -> tuple[list[dict], ServerProcess, str]:
+    """Run every level on one server (started with `workers` gateway workers, or --url): the
+    levels' figures, the server and the targets judged by."""
     gateway_only = args.url is None and args.model.startswith("noop") and args.frame_ms == 100
     async with contextlib.AsyncExitStack() as stack:
         if args.url:
@@ -982,7 +1038,7 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
             await _until_ready(server.server, None, None)
         else:
             server = await stack.enter_async_context(
-                spawned_server(args.model, args.config, args.refine_model)
+                spawned_server(args.model, args.config, args.refine_model, workers)
             )
         engine = engine_targets(args.targets, server.family or args.model)
         if args.captions != "off":
@@ -1003,19 +1059,96 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
             if args.ramp and not figures["sustained"]:
                 break
             await asyncio.sleep(1.0)  # let the server close the last sessions
-    sustained = [f["streams"] for f in levels if f["sustained"]]
-    at_slo = [f["streams"] for f in levels if f["at_slo"]]
-    result = {
+    return levels, server, engine
+
+
+def outcome(levels: list[dict]) -> dict:
+    """The levels of one server and the highest sustained and at the targets (0: none)."""
+    return {
         "levels": levels,
-        "highest_sustained_streams": max(sustained, default=0),
-        "highest_streams_at_slo": max(at_slo, default=0),
+        "highest_sustained_streams": max(
+            (f["streams"] for f in levels if f["sustained"]), default=0
+        ),
+        "highest_streams_at_slo": max((f["streams"] for f in levels if f["at_slo"]), default=0),
     }
+
+
+def compare_workers(runs: list[tuple[int, list[dict]]]) -> dict:
+    """The figures of several servers, one per worker count (`runs`: count, its levels): each
+    one's outcome, whether a higher level failed (else the highest level run is only a lower
+    bound of the limit), and its ratios to the smallest count's."""
+    entries = []
+    for workers, levels in runs:
+        entry = {"workers": workers, **outcome(levels)}
+        for key, verdict in (
+            ("highest_sustained_streams", "sustained"),
+            ("highest_streams_at_slo", "at_slo"),
+        ):
+            entry[f"{verdict}_bracketed"] = any(
+                f["streams"] > entry[key] and not f[verdict] for f in levels
+            )
+        entries.append(entry)
+    base = min(entries, key=lambda e: e["workers"])
+    for entry in entries:
+        for key, ratio in (
+            ("highest_sustained_streams", "sustained_ratio"),
+            ("highest_streams_at_slo", "at_slo_ratio"),
+        ):
+            entry[ratio] = round(entry[key] / base[key], 2) if base[key] else None
+    return {"workers": entries, "ratio_to_workers": base["workers"]}
+
+
+def workers_report(result: dict) -> str:
+    """The comparison of worker counts (compare_workers), for the end of the printed report."""
+
+    def highest(entry: dict, key: str, verdict: str) -> str:
+        return f"{'' if entry[f'{verdict}_bracketed'] else '>= '}{entry[key]}"
+
+    def ratio(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:g}"
+
+    base = result["ratio_to_workers"]
+    lines = ["== gateway workers (server.workers, one engine process): highest streams =="]
+    for entry in result["workers"]:
+        n = entry["workers"]
+        line = (
+            f"{n} worker{'s' if n > 1 else ' '}: "
+            f"{highest(entry, 'highest_sustained_streams', 'sustained')} sustained, "
+            f"{highest(entry, 'highest_streams_at_slo', 'at_slo')} at the targets"
+        )
+        if n != base:
+            line += (
+                f"; {n} : {base} workers = {ratio(entry['sustained_ratio'])} sustained, "
+                f"{ratio(entry['at_slo_ratio'])} at the targets"
+            )
+        lines.append(line)
+    if not all(e["sustained_bracketed"] and e["at_slo_bracketed"] for e in result["workers"]):
+        lines.append("(>=: no higher level run failed, so the limit lies above it)")
+    return "\n".join(lines)
+
+
+async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
+    """Run every level on one server per worker count and record the figures with write_result:
+    one count keeps the record of one server; several are side by side under `workers`."""
+    clips = load_clips(args.frame_ms)
+    tape = build_tape(clips, args.frame_ms)
+    runs = []
+    for workers in args.worker_counts:
+        if len(args.worker_counts) > 1:
+            progress(f"server with {workers} gateway worker(s)")
+        levels, server, engine = await run_levels(args, clips, tape, workers)
+        runs.append((workers, levels))
+    if len(runs) == 1:
+        result = outcome(runs[0][1])
+    else:
+        result = compare_workers(runs)
     settings = {
         "model": args.model,
         "refine_model": args.refine_model,
         "url": args.url,
         "config": args.config,
-        "streams": [f["streams"] for f in levels],
+        "workers": args.worker_counts,
+        "streams": list(dict.fromkeys(f["streams"] for _, levels in runs for f in levels)),
         "ramp": args.ramp,
         "seconds_per_stream": args.seconds,
         "frame_ms": args.frame_ms,
@@ -1034,10 +1167,14 @@ async def run_benchmark(args: argparse.Namespace) -> tuple[dict, Path]:
         "seed": SEED,
     }
     path = write_result("stream_load", result, settings)
-    progress(
-        f"highest sustained level: {result['highest_sustained_streams']} streams; "
-        f"at SLO: {result['highest_streams_at_slo']}; written to {path}"
-    )
+    if len(runs) == 1:
+        progress(
+            f"highest sustained level: {result['highest_sustained_streams']} streams; "
+            f"at SLO: {result['highest_streams_at_slo']}; written to {path}"
+        )
+    else:
+        print(workers_report(result), flush=True)
+        progress(f"written to {path}")
     return result, path
 
 
@@ -1111,7 +1248,8 @@ def report(f: dict, model: str, frame_ms: int) -> str:
         f"load generator  {f['generator_cpu_s']:.1f} s CPU in {f['wall_s']:.0f} s; frames sent "
         f"late by p95 {late['p95']} ms, max {late['max']} ms; other processes"
         f"{'' if f['server_cpu_s'] is not None else ' (the server included)'} used "
-        f"{f['other_cpu_cores']:.2f} cores"
+        f"{f['other_cpu_cores']:.2f} cores; the machine was busy "
+        f"{f['machine_busy_cores']:.2f} cores"
     )
     if late["p95"] is not None and late["p95"] > SEND_LATE_WARN_MS:
         lines.append("WARNING: the load generator fell behind real time; latencies overstated")

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -290,6 +293,35 @@ def test_process_cpu_time_of_this_process_grows_when_it_works():
     assert stream_load.process_cpu_seconds(os.getpid()) - before >= 0.03
 
 
+# python -c LAUNCH ARGS...: runs `python -c ARGS...` and waits for it
+LAUNCH = "import subprocess, sys; subprocess.run([sys.executable, '-c', *sys.argv[1:]])"
+BUSY = "import time\nend = time.process_time() + 30\nwhile time.process_time() < end: pass"
+
+
+def test_process_cpu_time_counts_the_live_descendants():
+    # parent -> child -> grandchild, which spins: the server's workers are its children
+    parent = subprocess.Popen([sys.executable, "-c", LAUNCH, LAUNCH, BUSY], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while len(stream_load.process_tree(parent.pid)) < 3:
+            assert time.monotonic() < deadline, "the grandchild did not start"
+            time.sleep(0.05)
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def own(pid: int) -> float:
+            with open(f"/proc/{pid}/stat") as stat:
+                return proc_cpu_seconds(stat.read(), ticks)
+
+        tree, alone = stream_load.process_cpu_seconds(parent.pid), own(parent.pid)
+        time.sleep(0.5)
+        assert stream_load.process_cpu_seconds(parent.pid) - tree >= 0.1  # a loaded machine
+        assert own(parent.pid) - alone < 0.05  # the parent itself only waits
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert stream_load.process_tree(os.getpid())[0] == os.getpid()
+
+
 def test_machine_busy_time_leaves_out_idle_and_iowait():
     stat = "cpu  100 10 50 1000 20 5 5 3 3 0\ncpu0 50 5 25 500 10 2 2 1 1 0\n"
     assert machine_busy_seconds(stat, 100) == pytest.approx(1.73)
@@ -328,6 +360,48 @@ def test_urls_name_the_stream_and_the_http_endpoints():
     assert (e.stream, e.http) == ("wss://asr.example:443/v1/stream", "https://asr.example:443")
 
 
+def test_worker_counts_are_a_number_or_a_list():
+    assert stream_load.parse_args([]).worker_counts == [1]
+    assert stream_load.parse_args(["--workers", "2"]).worker_counts == [2]
+    assert stream_load.parse_args(["--workers", "1,2"]).worker_counts == [1, 2]
+    assert stream_load.parse_args(["--url", "ws://h:1", "--workers", "1"]).worker_counts == [1]
+    for bad in ("0", "two", "1,", "1,-2"):
+        with pytest.raises(SystemExit):
+            stream_load.parse_args(["--workers", bad])
+    with pytest.raises(SystemExit):  # a running server has the workers it has
+        stream_load.parse_args(["--url", "ws://h:1", "--workers", "2"])
+
+
+def test_worker_counts_are_compared_by_their_highest_levels():
+    def level(streams: int, sustained: bool, at_slo: bool) -> dict:
+        return {"streams": streams, "sustained": sustained, "at_slo": at_slo}
+
+    one = [level(200, True, True), level(400, True, False), level(600, False, False)]
+    two = [level(200, True, True), level(400, True, True), level(600, True, True)]
+    result = stream_load.compare_workers([(1, one), (2, two)])
+    a, b = result["workers"]
+    assert result["ratio_to_workers"] == 1 and a["levels"] == one and b["levels"] == two
+    assert a["workers"] == 1 and a["highest_sustained_streams"] == 400
+    assert a["highest_streams_at_slo"] == 200
+    assert a["sustained_bracketed"] and a["at_slo_bracketed"]
+    assert (a["sustained_ratio"], a["at_slo_ratio"]) == (1.0, 1.0)
+    assert (b["highest_sustained_streams"], b["highest_streams_at_slo"]) == (600, 600)
+    assert not b["sustained_bracketed"] and not b["at_slo_bracketed"]  # no level broke them
+    assert (b["sustained_ratio"], b["at_slo_ratio"]) == (1.5, 3.0)
+    text = stream_load.workers_report(result).splitlines()
+    assert text[1] == "1 worker : 400 sustained, 200 at the targets"
+    assert text[2] == (
+        "2 workers: >= 600 sustained, >= 600 at the targets; "
+        "2 : 1 workers = 1.5 sustained, 3 at the targets"
+    )
+    assert text[3].startswith("(>=: no higher level run failed")
+
+    failed = stream_load.compare_workers([(2, two), (1, [level(200, False, False)])])
+    assert failed["ratio_to_workers"] == 1  # the smallest count, wherever it is listed
+    assert failed["workers"][0]["sustained_ratio"] is None
+    assert "2 : 1 workers = n/a sustained" in stream_load.workers_report(failed)
+
+
 def test_ramp_doubles_a_single_level():
     assert stream_load.levels_to_run([3], ramp=True)[:4] == [3, 6, 12, 24]
     assert stream_load.levels_to_run([1, 4, 16], ramp=True) == [1, 4, 16]
@@ -360,7 +434,25 @@ def test_two_noop_streams_end_to_end(tmp_path, monkeypatch):
     assert record["settings"]["server_event_loop"] == "uvloop"
     assert record["settings"]["server_engine_family"] == "noop"
     assert record["settings"]["targets"] == "gateway"
+    assert record["settings"]["workers"] == [1]
     assert record["figures"]["levels"][0]["finals"] == level["finals"]
+
+
+def test_one_server_per_worker_count_end_to_end(tmp_path, monkeypatch):
+    librivox_clips()  # skips when pocketsphinx-testdata is missing
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    argv = ["--model", "noop", "--workers", "1,2", "--streams", "2", "--seconds", "2"]
+    figures, path = asyncio.run(stream_load.run_benchmark(stream_load.parse_args(argv)))
+
+    assert [entry["workers"] for entry in figures["workers"]] == [1, 2]
+    for entry in figures["workers"]:
+        (level,) = entry["levels"]
+        assert level["streams"] == level["streams_closed"] == 2 and level["streams_failed"] == 0
+        assert level["server_cpu_s"] > 0 and level["machine_busy_cores"] > 0
+    record = json.loads(path.read_text())
+    assert record["settings"]["workers"] == [1, 2] and record["settings"]["streams"] == [2]
+    assert record["settings"]["server_engine_family"] == "noop"  # the engine process's record
+    assert record["figures"]["ratio_to_workers"] == 1 and "levels" not in record["figures"]
 
 
 def test_histogram_p95_from_bucket_deltas():
