@@ -80,7 +80,8 @@ def derive(
 
 def main_conf(folder: Path, site: str) -> Path:
     """nginx.conf in `folder`: the derived site inside http {}, every file nginx writes in
-    `folder`. As root, workers would switch to `nobody`, who cannot write there: `user root`."""
+    `folder`. As root, workers would switch to `nobody`, who cannot write there: `user root`.
+    access.log names the instance each request went to (`upstreams` reads it)."""
     (folder / "site.conf").write_text(site)
     temp = "\n".join(
         f"    {kind}_temp_path {folder / kind};"
@@ -92,7 +93,8 @@ def main_conf(folder: Path, site: str) -> Path:
         f"{user}daemon off;\nworker_processes 2;\npid {folder / 'nginx.pid'};\n"
         f"error_log {folder / 'error.log'} info;\n"
         "events { worker_connections 1024; }\n"
-        f"http {{\n    access_log {folder / 'access.log'};\n{temp}\n"
+        "http {\n    log_format upstream '$status \"$request\" upstream=$upstream_addr';\n"
+        f"    access_log {folder / 'access.log'} upstream;\n{temp}\n"
         f"    include {folder / 'site.conf'};\n}}\n"
     )
     return conf
@@ -125,6 +127,17 @@ class Nginx:
     def log(self) -> str:
         path = self.folder / "error.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def upstreams(self, path: str) -> list[str]:
+        """host:port of the server that answered each finished request for `path` (the last
+        one tried), in the order they finished; nginx logs a WebSocket once it has closed."""
+        log = self.folder / "access.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        return [
+            line.rsplit("upstream=", 1)[1].split(", ")[-1]
+            for line in lines
+            if f" {path} HTTP/" in line and "upstream=" in line
+        ]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -116,13 +116,18 @@ class Instance:
                 self.proc.wait(5)
 
 
-def launch(folder: Path, name: str) -> tuple[subprocess.Popen, Path]:
+def launch(
+    folder: Path, name: str, settings: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """`streamscribe serve --model noop` on free loopback ports; `settings` adds environment
+    overrides (STREAMSCRIBE_SERVER__REDIS_URL, ...) to the ones every instance here has."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCRIBE_")}
     env = {
         **clean,
         "STREAMSCRIBE_SERVER__API_KEYS": KEY,
         "STREAMSCRIBE_SERVER__TOKEN_SECRET": "shared-by-every-instance-behind-nginx",
         "STREAMSCRIBE_SERVER__DRAIN_GRACE_S": str(DRAIN_GRACE_S),
+        **(settings or {}),
     }
     stderr = folder / f"{name}.stderr"
     with stderr.open("wb") as sink:
@@ -168,9 +173,10 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(folder: Path):
-    """Two instances and nginx in front of them; everything stopped on the way out."""
-    launched = [launch(folder, name) for name in ("a", "b")]  # both load at the same time
+def stack(folder: Path, settings: dict[str, str] | None = None):
+    """Two instances (with `settings`, see `launch`) and nginx in front of them; everything
+    stopped on the way out."""
+    launched = [launch(folder, name, settings) for name in ("a", "b")]  # both load at once
     instances: list[Instance] = []
     nginx = None
     try:
