@@ -301,13 +301,12 @@ class CallHub:
             await _refuse(ws, "too_many_subscribers", f"call {call_id} has enough subscribers")
             await ws.close(CLOSE_TRY_AGAIN, "too many subscribers")
             return
-        while self.bus.shared:  # registered only once it hears the call wherever it runs
-            await self._follow(call)
-            if self.calls.get(call_id) is call:
-                break
-            call = self._call(call_id)  # it ended (or was dropped) meanwhile: a new one
+        # Added before the call's channel is followed, so that no message heard meanwhile
+        # misses it; the hold starts once it hears the call wherever it runs.
         subscriber = _Subscriber(ws)
         call.subscribers.add(subscriber)
+        if self.bus.shared:  # what it hears meanwhile (even the call's end) is queued for it
+            await self._follow(call)
         reader = asyncio.create_task(_read_until_closed(subscriber))
         hold = asyncio.get_running_loop().call_later(self.hold_s, subscriber.offer, _HOLD_OVER)
         try:
