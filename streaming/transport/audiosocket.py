@@ -128,4 +128,8 @@ async def _handle(
         writer.write(packet(ERROR, reason.encode()))
         await stream.close()
         return
-    await gateway.run_connection(stream, AudioSocketDialect(), {})
+    try:
+        await gateway.run_connection(stream, AudioSocketDialect(), {})
+    finally:
+        if not stream.writer.is_closing():  # the peer's end of stream: end our side too
+            await stream.close()

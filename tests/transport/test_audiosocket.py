@@ -173,3 +173,23 @@ def test_calls_are_refused_while_the_server_is_full():
             return refused
 
     assert asyncio.run(main()) == packet(0xFF, b"capacity")
+
+
+def test_a_peer_that_ends_its_side_mid_packet_gets_our_end_too():
+    """Bytes of a packet cut short, then the peer's end of stream (half-close): the server
+    ends the call and closes its side as well, rather than leave the peer waiting for good."""
+
+    async def main():
+        port = free_port()
+        async with running(gateway_config(audiosocket_port=port), EchoEngine()) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x10\x00\x10" + b"\x01" * 7)  # a UUID packet missing 9 bytes
+            await writer.drain()
+            writer.write_eof()
+            async with asyncio.timeout(5):
+                rest = await reader.read()
+            writer.close()
+            return rest, len(gw.connections)
+
+    rest, left = asyncio.run(main())
+    assert rest == b"" and left == 0
