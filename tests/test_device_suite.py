@@ -1,0 +1,68 @@
+"""`python -m benchmarks.device_suite --cpu-smoke`: the whole suite at reduced size on the CPU,
+checked for the record's shape and for figures that are measured numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from benchmarks import device_suite, results
+
+
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_cpu_smoke_writes_one_record_of_measured_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    path = device_suite.main(["--cpu-smoke"])
+
+    assert path.parent == tmp_path and [p.name for p in tmp_path.iterdir()] == [path.name]
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == "device_suite"
+    assert {"date", "commit", "machine", "settings", "figures"} <= record.keys()
+    assert record["settings"]["mode"] == "cpu-smoke"
+    assert record["settings"]["sizes"] == ["tiny"]
+    figures = record["figures"]
+
+    tiny = figures["parity"]["tiny"]
+    for part in ("ctc_draft_argmax", "editor_argmax"):
+        assert number(tiny[part]["agreement"]) and 0.0 <= tiny[part]["agreement"] <= 1.0
+        assert isinstance(tiny[part]["positions"], int) and tiny[part]["positions"] > 0
+    assert "tiny config only" in figures["parity"]["full"]["skipped"]
+
+    eager = figures["rtfx"]["eager"]
+    assert list(eager) == [str(b) for b in device_suite.CPU_BATCHES]
+    for batch, entry in eager.items():
+        for call in ("draft", "transcribe"):
+            run = entry[call]
+            assert number(run["rtfx"]) and run["rtfx"] > 0
+            assert number(run["seconds"]) and run["seconds"] >= 0
+            expected_audio = int(batch) * device_suite.CPU_CLIP_S
+            assert run["audio_seconds"] == round(expected_audio, 1)
+            assert all(number(v) for v in run["split"].values())
+        assert entry["peak_memory_bytes"] is None and entry["peak_memory_gib"] is None
+    assert figures["rtfx"]["compiled"] == "not implemented yet"
+    assert "skipped" in figures["load"]
+    assert number(figures["suite_seconds"])
+
+    out = capsys.readouterr().out
+    assert "[device_suite] batch    1:" in out and "written to" in out
+
+
+def test_agreement_counts_matching_positions():
+    a = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    b = [torch.tensor([1, 0, 3]), torch.tensor([4])]
+    assert device_suite.agreement(a, b) == {"agreement": 0.75, "positions": 4}
+    assert device_suite.agreement([torch.tensor([], dtype=torch.long)], [torch.tensor([])]) == {
+        "agreement": None,
+        "positions": 0,
+    }
+
+
+def test_clips_have_the_fixed_length():
+    segments, source = device_suite.clip_audio(5, 2.5)
+    assert source in ("librivox", "synthetic")
+    assert [len(s.audio) for s in segments] == [40000] * 5
