@@ -148,7 +148,9 @@ class EngineOptions:
     `device`: auto, cpu, cuda or cuda:N; `dtype`: auto, float32, bfloat16 or float16 (a family
     maps it to what its runtime offers); `max_batch`: most segments per model call; `window_s`
     and `window_overlap_s`: the windows long audio is cut into (a family that cuts audio itself
-    ignores them); `hub_timeout_s`: how long an unreachable model hub may take to fail.
+    ignores them); `hub_timeout_s`: how long an unreachable model hub may take to fail;
+    `ctc_confidence_skip` (granite-nar only, others ignore it): a final whose CTC draft
+    confidence reaches it keeps the draft and skips the editor (0, the default, turns it off).
     """
 
     device: str = "auto"
@@ -157,6 +159,7 @@ class EngineOptions:
     window_s: float = 30.0
     window_overlap_s: float = 5.0
     hub_timeout_s: float = 10.0
+    ctc_confidence_skip: float = 0.0
 
 
 DEFAULT_OPTIONS = EngineOptions()

@@ -51,6 +51,14 @@ def draft_spans(ids: Sequence[int], probs: Sequence[float], blank: int) -> list[
     ]
 
 
+def draft_confidence(draft: Sequence[TokenSpan]) -> float:
+    """How sure the CTC draft is: the mean over its collapsed tokens of each token's probability
+    (the argmax posterior averaged over the windows that emitted it), the first of the TURBO
+    routing criteria (spec §8: mean >= 0.92; its min, entropy, blank- and repeat-ratio checks
+    are not applied). A draft without tokens scores 0: an editor may still insert some."""
+    return sum(s.prob for s in draft) / len(draft) if draft else 0.0
+
+
 def build_slots(tokens: Sequence[int], blank: int, min_length: int) -> list[int]:
     """Editor text slots: blank, y0, blank, y1, ..., blank, padded with blanks to `min_length`."""
     slots = [blank] * max(2 * len(tokens) + 1, min_length)

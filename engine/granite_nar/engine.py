@@ -1,5 +1,9 @@
 """The `granite-nar` family: batched `draft` (CTC only) and `transcribe` (CTC + editor).
 
+With `ctc_confidence_skip` > 0, `transcribe` routes each window whose CTC draft confidence
+(`draft_confidence`) reaches it past the projector and editor: its result is the CTC draft, as
+`draft` gives it (spec §8, the TURBO repo's CTC-first adaptive routing, reduced to one knob).
+
 Turns segments into model batches (length-sorted, long audio cut into windows that fit the
 editor's position limit) and model outputs into text, timed words and confidences.
 """
@@ -30,7 +34,16 @@ from ..api import (
 from ..audio import prepare_waveform
 from ..features import nar_features
 from .checkpoint import CheckpointError, load_model, resolve_source
-from .decoding import build_slots, draft_spans, editor_spans, group_words, slot_times
+from .decoding import (
+    TokenSpan,
+    build_slots,
+    draft_confidence,
+    draft_spans,
+    editor_spans,
+    group_words,
+    slot_times,
+)
+from .encoder import EncoderOutput
 from .model import GraniteSpeechNar
 from .windows import merge_words, plan_windows
 
@@ -80,11 +93,13 @@ class GraniteNarEngine:
         max_batch: int = 16,
         window_s: float = 30.0,
         window_overlap_s: float = 5.0,
+        ctc_confidence_skip: float = 0.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = str(model.device)
         self.max_batch = max_batch
+        self.ctc_confidence_skip = ctc_confidence_skip
         self.clock = StageClock()
         cfg = model.cfg
         self.blank = cfg.blank_token_id
@@ -151,27 +166,55 @@ class GraniteNarEngine:
                 for d in drafts
             ]
         if edit:
-            with clock("projector", device):
-                audio = model.audio_embeddings(encoded, lengths)
-            with clock("editor", device):
-                slots = [
-                    build_slots(
-                        [s.token_id for s in sp], self.blank, model.cfg.min_edit_sequence_length
-                    )
-                    for sp in spans
+            keep = list(range(len(spans)))
+            if self.ctc_confidence_skip > 0:
+                keep = [
+                    i
+                    for i, sp in enumerate(spans)
+                    if draft_confidence(sp) < self.ctc_confidence_skip
                 ]
-                outputs = model.edit(audio, [torch.tensor(s, device=device) for s in slots])
-                spans = [
-                    editor_spans(
-                        out.slot_ids.tolist(),
-                        out.slot_probs.tolist(),
-                        slot_times(sp, len(s), len(w) * 1000 // TARGET_SAMPLE_RATE),
-                        self.blank,
-                    )
-                    for out, sp, s, w in zip(outputs, spans, slots, waves, strict=True)
-                ]
+            if len(keep) == len(spans):
+                spans = self._edit(encoded, lengths, spans, waves)
+            elif keep:
+                edited = self._edit(
+                    subset(encoded, keep),
+                    [lengths[i] for i in keep],
+                    [spans[i] for i in keep],
+                    [waves[i] for i in keep],
+                )
+                for i, sp in zip(keep, edited, strict=True):
+                    spans[i] = sp
         with clock("words", device):
             return [group_words(sp, self.decode, self.special) for sp in spans]
+
+    def _edit(
+        self,
+        encoded: EncoderOutput,
+        lengths: list[int],
+        spans: list[list[TokenSpan]],
+        waves: list[np.ndarray],
+    ) -> list[list[TokenSpan]]:
+        """One editor pass over the CTC drafts `spans`; the editor's tokens with times."""
+        model, clock, device = self.model, self.clock, self.model.device
+        with clock("projector", device):
+            audio = model.audio_embeddings(encoded, lengths)
+        with clock("editor", device):
+            slots = [
+                build_slots(
+                    [s.token_id for s in sp], self.blank, model.cfg.min_edit_sequence_length
+                )
+                for sp in spans
+            ]
+            outputs = model.edit(audio, [torch.tensor(s, device=device) for s in slots])
+            return [
+                editor_spans(
+                    out.slot_ids.tolist(),
+                    out.slot_probs.tolist(),
+                    slot_times(sp, len(s), len(w) * 1000 // TARGET_SAMPLE_RATE),
+                    self.blank,
+                )
+                for out, sp, s, w in zip(outputs, spans, slots, waves, strict=True)
+            ]
 
     def _hypothesis(self, kept: list[tuple[Word, list[int]]], n_samples: int) -> Hypothesis:
         words = [w for w, _ in kept]
@@ -188,6 +231,14 @@ class GraniteNarEngine:
             confidence=confidence,
             duration_ms=n_samples * 1000 // TARGET_SAMPLE_RATE,
         )
+
+
+def subset(encoded: EncoderOutput, keep: list[int]) -> EncoderOutput:
+    """The samples `keep` of a batch's encoder output (padding as in the whole batch)."""
+    index = torch.tensor(keep, device=encoded.hidden.device)
+    return EncoderOutput(
+        encoded.hidden[index], encoded.blank_prob[index], [t[index] for t in encoded.taps]
+    )
 
 
 def pick_device(device: str) -> torch.device:
@@ -230,4 +281,5 @@ def load_engine(source: str, options: EngineOptions = DEFAULT_OPTIONS) -> Granit
         max_batch=options.max_batch,
         window_s=options.window_s,
         window_overlap_s=options.window_overlap_s,
+        ctc_confidence_skip=options.ctc_confidence_skip,
     )
