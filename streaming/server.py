@@ -313,14 +313,15 @@ class Gateway:
             return _web_file("index.html" if path == "/" else path[len("/web/") :])
         if path not in ROUTES and call_events_id(path) is None:
             return _text(http.HTTPStatus.NOT_FOUND, f"no such endpoint: {path}\n")
-        elsewhere = self._resume_elsewhere(path, request)
+        resume_token = _resume_token(path, request)
+        elsewhere = self._resume_elsewhere(resume_token)
         if elsewhere is not None:
             return elsewhere
         scope = tokens.STREAM if path in ROUTES else tokens.CALLS
         denied = self._denied(connection, request, scope)
         if denied is not None:
             return denied
-        resuming = _resumes(path, request)  # the stream it takes over holds its slot already
+        resuming = resume_token is not None  # the stream it takes over holds its slot already
         reason = self.refusal(admit=not resuming)
         if reason == "capacity" and resuming:
             reason = None
@@ -331,13 +332,12 @@ class Gateway:
             return response
         return None
 
-    def _resume_elsewhere(self, path: str, request: Request) -> Forward | None:
+    def _resume_elsewhere(self, token: str | None) -> Forward | None:
         """With several workers, a resume reaches whichever worker the kernel picks: one for
         a stream another worker holds goes to that worker (its credentials are checked
         there)."""
-        if self.worker is None or not _resumes(path, request):
+        if self.worker is None or token is None:
             return None
-        token = dict(parse_qsl(urlsplit(request.path).query))["resume"]
         if self.connections.by_resume_token(token) is not None:
             return None
         holder = self.worker.holder(token)
@@ -591,8 +591,11 @@ def _web_file(name: str) -> Response:
     return Response(http.HTTPStatus.OK.value, http.HTTPStatus.OK.phrase, headers, file.read_bytes())
 
 
-def _resumes(path: str, request: Request) -> bool:
-    return path == RESUME_PATH and "resume" in dict(parse_qsl(urlsplit(request.path).query))
+def _resume_token(path: str, request: Request) -> str | None:
+    """The `resume` token of a request to resume a stream, else None."""
+    if path != RESUME_PATH:
+        return None
+    return dict(parse_qsl(urlsplit(request.path).query)).get("resume")
 
 
 def _offered_subprotocols(headers: Headers) -> list[str]:

@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
+from prometheus_client import multiprocess
+
 from streaming.ops import auth
 from streaming.ops.config import Config
 
@@ -321,8 +323,6 @@ class Supervisor:
         return [*lines[:1], note, *lines[1:]]
 
     def _restart_the_dead(self) -> None:
-        from prometheus_client import multiprocess
-
         for index, engine in enumerate(self.engines):
             if engine is None or engine.is_alive() or self.stopping:
                 continue

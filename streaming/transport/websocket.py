@@ -125,7 +125,6 @@ class Connection:
         self.results_task: asyncio.Task | None = None  # delivers the scheduler's results
         # Session resume: the link went and the stream waits (`lingering`) for a client to
         # take it over; `link_lost` is set while detached; `on_end` is told once it is over.
-        self.detached = False
         self.evicted = False  # ended early to make way for a new stream at the session cap
         self.link_lost = asyncio.Event()
         self.lingering: asyncio.Task | None = None
@@ -134,6 +133,16 @@ class Connection:
     @property
     def session(self) -> Session | None:
         return self.protocol.session
+
+    @property
+    def detached(self) -> bool:
+        """The stream has no link now and waits for a client to resume it."""
+        return self.protocol.detached_at is not None
+
+    @property
+    def resumable(self) -> bool:
+        """A client may take the detached stream over (not ended, nor made way for another)."""
+        return self.detached and not self.evicted and self.protocol.reading
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -163,10 +172,10 @@ class Connection:
             self.ws.transport.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.link_lost.wait(), TAKEOVER_S)
-        if not self.detached or self.evicted or not self.protocol.reading:
+        if not self.resumable:
             raise ResumeRefused("the session has ended")
         async with self.sending:  # a send still under way on the old link ends first
-            if not self.detached or self.evicted or not self.protocol.reading:
+            if not self.resumable:  # it may have ended while the send went on
                 raise ResumeRefused("the session has ended")
             try:
                 missed, resumed = self.protocol.resume(last_seq, self.loop.time())
@@ -174,8 +183,7 @@ class Connection:
                 raise ResumeRefused(str(err)) from None
             if self.lingering is not None:
                 self.lingering.cancel()
-            self.ws = ws
-            self.detached = False
+            self.ws = ws  # `protocol.resume` has attached the stream again
             self.link_lost.clear()
             self.outbox.clear()  # all of it is in the replay buffer: `missed` has what counts
             self.outbox.extend(missed)
@@ -230,9 +238,8 @@ class Connection:
         )
 
     def _detach(self) -> None:
-        self.detached = True
-        self.outbox.clear()  # kept in the replay buffer
         self.protocol.detach(self.loop.time())
+        self.outbox.clear()  # kept in the replay buffer
         self.link_lost.set()
         self.lingering = asyncio.create_task(
             self._linger(self.config.server.resume_window_s)
