@@ -150,7 +150,9 @@ class EngineOptions:
     and `window_overlap_s`: the windows long audio is cut into (a family that cuts audio itself
     ignores them); `hub_timeout_s`: how long an unreachable model hub may take to fail;
     `ctc_confidence_skip` (granite-nar only, others ignore it): a final whose CTC draft
-    confidence reaches it keeps the draft and skips the editor (0, the default, turns it off).
+    confidence reaches it keeps the draft and skips the editor (0, the default, turns it off);
+    `compile` (granite-nar only): run the model through the compiled runner (length buckets,
+    FlexAttention, torch.compile) instead of the eager reference.
     """
 
     device: str = "auto"
@@ -160,6 +162,7 @@ class EngineOptions:
     window_overlap_s: float = 5.0
     hub_timeout_s: float = 10.0
     ctc_confidence_skip: float = 0.0
+    compile: bool = False
 
 
 DEFAULT_OPTIONS = EngineOptions()

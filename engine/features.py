@@ -73,8 +73,25 @@ def _pad_batch(
     if device is None:
         on_device = (w.device for w in waveforms if isinstance(w, torch.Tensor))
         device = next(on_device, torch.device("cpu"))
+    if all(isinstance(w, np.ndarray) and w.ndim == 1 for w in waveforms):
+        return _pad_on_host(waveforms, torch.device(device))
     tensors = [_to_tensor(w, torch.device(device)) for w in waveforms]
     return pad_sequence(tensors, batch_first=True), [t.shape[0] for t in tensors]
+
+
+def _pad_on_host(
+    waveforms: Sequence[np.ndarray], device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
+    """Host arrays padded into one buffer, then one copy to the device (pinned, not waited
+    for, on a GPU) instead of one small copy per waveform."""
+    sizes = [w.shape[0] for w in waveforms]
+    padded = np.zeros((len(waveforms), max(sizes)), dtype=np.float32)
+    for row, wave in zip(padded, waveforms, strict=True):
+        row[: wave.shape[0]] = wave
+    host = torch.from_numpy(padded)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True), sizes
+    return host.to(device), sizes
 
 
 def _log_mel(padded: torch.Tensor, n_frames: int | None = None) -> torch.Tensor:
@@ -110,6 +127,20 @@ def _lengths(lengths: list[int], device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def nar_batch(
+    waveforms: Sequence[Waveform], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """`nar_features` with the lengths as a host list, for callers that must not wait on the
+    device to learn them."""
+    padded, sizes = _pad_batch(waveforms, device)
+    lengths = [n // SAMPLES_PER_FEATURE for n in sizes]
+    t_max = padded.shape[1] // SAMPLES_PER_FEATURE
+    if t_max == 0:
+        return padded.new_zeros(len(sizes), 0, FEATURE_DIM), lengths
+    return _stack_pairs(_log_mel(padded, 2 * t_max)), lengths
+
+
+@torch.no_grad()
 def nar_features(
     waveforms: Sequence[Waveform], device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,14 +152,8 @@ def nar_features(
     [B, 0, 160] with all lengths 0. `device` defaults to that of the first tensor in the batch,
     else CPU; lengths live on the same device. An empty batch is a ValueError.
     """
-    padded, sizes = _pad_batch(waveforms, device)
-    lengths = [n // SAMPLES_PER_FEATURE for n in sizes]
-    t_max = padded.shape[1] // SAMPLES_PER_FEATURE
-    if t_max == 0:
-        features = padded.new_zeros(len(sizes), 0, FEATURE_DIM)
-    else:
-        features = _stack_pairs(_log_mel(padded, 2 * t_max))
-    return features, _lengths(lengths, padded.device)
+    features, lengths = nar_batch(waveforms, device)
+    return features, _lengths(lengths, features.device)
 
 
 @torch.no_grad()

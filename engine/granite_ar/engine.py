@@ -124,6 +124,9 @@ class GraniteArEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
+        return self.tokenizer.decode_batch(id_lists, skip_special_tokens=True)
+
     def task_for(self, segment: Segment) -> Task:
         """What the model is asked to do with `segment`: translate it when it says so;
         else transcribe it in its `language`, which the model then writes out instead of the
@@ -268,7 +271,7 @@ class GraniteArEngine:
         `spread_times`) and, as in granite-nar, the geometric mean of their tokens'
         probabilities as confidence."""
         spans = [TokenSpan(t, 0, 0, p) for t, p in zip(text.ids, text.probs, strict=True)]
-        words = group_words(spans, self.decode, self.special)
+        words = group_words(spans, self.decode_batch, self.special)
         offset = start * 1000 // TARGET_SAMPLE_RATE
         times = spread_times([w.word for w, _ in words], (end - start) * 1000 // TARGET_SAMPLE_RATE)
         return [

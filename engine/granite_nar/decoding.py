@@ -99,26 +99,28 @@ def editor_spans(
 
 
 def group_words(
-    spans: Sequence[TokenSpan], decode: Callable[[list[int]], str], special: set[int]
+    spans: Sequence[TokenSpan],
+    decode_batch: Callable[[list[list[int]]], list[str]],
+    special: set[int],
 ) -> list[tuple[Word, list[int]]]:
     """Byte-level BPE marks a word start with a leading space; tokens join until the next one.
 
-    Each word comes with the token ids it was decoded from."""
+    Each word comes with the token ids it was decoded from. The tokenizer is called twice per
+    window (every token alone, then every word), not once per token."""
+    kept = [span for span in spans if span.token_id not in special]
+    pieces = decode_batch([[span.token_id] for span in kept]) if kept else []
     groups: list[list[TokenSpan]] = []
-    for span in spans:
-        if span.token_id in special:
-            continue
-        piece = decode([span.token_id])
+    for span, piece in zip(kept, pieces, strict=True):
         if not groups or piece[:1].isspace():
             groups.append([span])
         else:
             groups[-1].append(span)
+    texts = decode_batch([[s.token_id for s in group] for group in groups]) if groups else []
     words = []
-    for group in groups:
-        ids = [s.token_id for s in group]
-        text = decode(ids).strip()
-        if not text:
+    for group, text in zip(groups, texts, strict=True):
+        if not text.strip():
             continue
         log_prob = sum(math.log(max(s.prob, 1e-12)) for s in group) / len(group)
-        words.append((Word(text, group[0].start_ms, group[-1].end_ms, math.exp(log_prob)), ids))
+        word = Word(text.strip(), group[0].start_ms, group[-1].end_ms, math.exp(log_prob))
+        words.append((word, [s.token_id for s in group]))
     return words

@@ -2,20 +2,24 @@
 
 A batch arrives packed as one sequence of rows (no padding in the linear layers); RoPE positions
 restart at 0 for each sample, and attention is block-diagonal: each sample attends only to
-itself. Attention runs on a per-sample padded view with a key-padding mask, so its cost grows with
-the sum of squared sample lengths, never with the square of the packed length.
+itself. Two interchangeable attentions keep samples apart: `PaddedAttention` (the reference) and
+`FlexPackedAttention` (the compiled runner's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .config import TextConfig
+
+# q [N, H, d], k and v [N, KV, d], scale -> [N, H, d], each sample attending to itself only
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -29,23 +33,28 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-@dataclass(frozen=True)
-class PackedBatch:
-    """Where each sample's rows sit in the packed sequence, and their padded view."""
+def packed_positions(lengths: Sequence[int]) -> np.ndarray:
+    """Position of each packed row inside its own sample (RoPE restarts at 0 per sample)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - starts
 
-    lengths: tuple[int, ...]
-    sample_index: torch.Tensor  # [N] sample of each packed row
-    position: torch.Tensor  # [N] position of each row inside its sample
-    key_mask: torch.Tensor  # [B, 1, 1, Lmax] True where a key exists
 
-    @classmethod
-    def build(cls, lengths: list[int], device: torch.device) -> PackedBatch:
-        lens = torch.tensor(lengths, device=device)
-        sample_index = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens)
-        starts = torch.cumsum(lens, 0) - lens
-        position = torch.arange(int(lens.sum()), device=device) - starts[sample_index]
-        key_mask = torch.arange(max(lengths), device=device)[None, :] < lens[:, None]
-        return cls(tuple(lengths), sample_index, position, key_mask[:, None, None, :])
+class PaddedAttention:
+    """The reference: attention over a per-sample padded view with a key-padding mask.
+
+    Its cost grows with the sum of squared sample lengths, never with the square of the packed
+    length, but it scatters and gathers every layer's q, k, v and output."""
+
+    def __init__(self, lengths: Sequence[int], device: torch.device) -> None:
+        self.lengths = tuple(lengths)
+        sample = np.repeat(np.arange(len(lengths)), lengths)
+        index = torch.from_numpy(np.stack([sample, packed_positions(lengths)])).to(device)
+        self.sample_index, self.position = index[0], index[1]
+        width = max(lengths)
+        keys = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+        uniform = len(set(lengths)) == 1
+        self.key_mask = None if uniform else torch.from_numpy(keys)[:, None, None, :].to(device)
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, Lmax, ...]"""
@@ -53,11 +62,71 @@ class PackedBatch:
         out[self.sample_index, self.position] = rows
         return out
 
-    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        return padded[self.sample_index, self.position]
+    def __call__(self, q, k, v, scale: float) -> torch.Tensor:
+        """q [N, H, d], k and v [N, KV, d] -> [N, H, d]"""
+        q, k, v = (self.pad(t).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.key_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        return out.transpose(1, 2)[self.sample_index, self.position]
 
 
-@lru_cache(maxsize=4)
+FLEX_BLOCK = 128  # FlexAttention's block: packed batches are padded to a multiple of it
+
+
+def document_blocks(documents: np.ndarray) -> dict[str, np.ndarray]:
+    """The block-sparse layout of "each row attends to its own document", worked out on the
+    host from the (non-decreasing) document id of every packed row: per query block, the key
+    blocks it fully attends to and those that need the row-level mask. Computing this from a
+    mask function on the device would look at all N^2 row pairs."""
+    blocks = documents.reshape(-1, FLEX_BLOCK)
+    first, last = blocks[:, 0], blocks[:, -1]
+    overlap = (first[:, None] <= last[None, :]) & (first[None, :] <= last[:, None])
+    single = first == last
+    full = overlap & (single[:, None] & single[None, :]) & (first[:, None] == first[None, :])
+
+    def layout(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # wanted key blocks first, in order (a stable sort of "not wanted")
+        return mask.sum(1), np.argsort(~mask, axis=1, kind="stable")
+
+    kv_num, kv_idx = layout(overlap & ~full)
+    full_num, full_idx = layout(full)
+    return {"kv_num": kv_num, "kv_idx": kv_idx, "full_num": full_num, "full_idx": full_idx}
+
+
+class FlexPackedAttention:
+    """FlexAttention straight on the packed rows, each row attending to its own document
+    (sample) only: no padding per sample, no scatter or gather, blocks that cross no document
+    skipped, and kernels that stay fused under torch.compile. Rows past the batch (padding to
+    a multiple of `FLEX_BLOCK`) form one more document of their own."""
+
+    def __init__(self, documents: torch.Tensor, blocks: dict[str, torch.Tensor]) -> None:
+        def same_document(b, h, q_idx, kv_idx):
+            return documents[q_idx] == documents[kv_idx]
+
+        def shaped(name: str) -> torch.Tensor:
+            return blocks[name].to(torch.int32)[None, None]
+
+        rows = documents.shape[0]
+        self.block_mask = BlockMask.from_kv_blocks(
+            shaped("kv_num"),
+            shaped("kv_idx"),
+            shaped("full_num"),
+            shaped("full_idx"),
+            BLOCK_SIZE=FLEX_BLOCK,
+            mask_mod=same_document,
+            seq_lengths=(rows, rows),
+        )
+
+    def __call__(self, q, k, v, scale: float) -> torch.Tensor:
+        # [1, heads, N, d], materialised: the CPU kernel template cannot take a view here
+        q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+        out = flex_attention(
+            q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        return out[0].transpose(0, 1)
+
+
 def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     return 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
@@ -96,17 +165,12 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.heads * d, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: Attend, rope) -> torch.Tensor:
         n = x.shape[0]
         q = rotate(self.q_proj(x).view(n, self.heads, self.head_dim), *rope)
         k = rotate(self.k_proj(x).view(n, self.kv_heads, self.head_dim), *rope)
         v = self.v_proj(x).view(n, self.kv_heads, self.head_dim)
-        q, k, v = (batch.pad(t).transpose(1, 2) for t in (q, k, v))  # [B, heads, Lmax, d]
-        mask = None if len(set(batch.lengths)) == 1 else batch.key_mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads
-        )
-        return self.o_proj(batch.unpad(out.transpose(1, 2)).reshape(n, -1))
+        return self.o_proj(attend(q, k, v, self.scale).reshape(n, -1))
 
 
 class GatedMlp(nn.Module):
@@ -130,8 +194,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMlp(cfg)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, rope) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope) * self.residual_multiplier
+    def forward(self, x: torch.Tensor, attend: Attend, rope) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), attend, rope) * self.residual_multiplier
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier
 
 
@@ -157,14 +221,18 @@ class GraniteEditor(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Packed input embeddings [N, D] (before the x embedding_multiplier) -> final hidden."""
-        batch = PackedBatch.build(lengths, embeds.device)
+        """Packed input embeddings [N, D] (before the x embedding_multiplier) -> final hidden,
+        with the reference attention."""
+        attend = PaddedAttention(lengths, embeds.device)
+        return self.run(embeds, attend.position, attend)
+
+    def run(self, embeds: torch.Tensor, position: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The layers over packed rows at `position` inside their samples, `attend` keeping
+        the samples apart."""
         x = embeds * self.cfg.embedding_multiplier
-        rope = rotary_tables(
-            batch.position, self.cfg.attention_head_dim, self.cfg.rope_theta, x.dtype
-        )
+        rope = rotary_tables(position, self.cfg.attention_head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, batch, rope)
+            x = layer(x, attend, rope)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 Spec §2. Frames beyond a clip's length (batch padding) are attended and convolved like real
 frames, exactly as the reference does; only the padding up to a multiple of the attention block
-is masked.
+is masked. A batch padded further, to a fixed bucket of frames so that compiled shapes repeat,
+passes `valid` (the batch's real frame count, a 0-d tensor so that it never specialises a
+compiled graph): frames from there on are masked as keys, zeroed before each convolution, weigh
+nothing in the BPE pooling and are zero rows for the projector, so every earlier frame comes out
+exactly as without the extra padding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,6 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.up_proj(self.pre_norm(x))))
 
 
-@lru_cache(maxsize=8)
 def _relative_distances(context: int, max_pos: int, device: torch.device) -> torch.Tensor:
     """Index into the Shaw table for each (query, key) pair of one block: clamp(i-j) + max_pos."""
     pos = torch.arange(context, device=device)
@@ -51,7 +53,8 @@ class BlockAttention(nn.Module):
         self.to_out = nn.Linear(inner, cfg.hidden_dim)
         self.rel_pos_emb = nn.Embedding(2 * cfg.max_pos_emb + 1, cfg.dim_head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_ok: torch.Tensor | None = None) -> torch.Tensor:
+        """`frame_ok` [T] bool: keys where it is False are masked (see the module docstring)."""
         batch, frames, _ = x.shape
         c = self.context
         blocks = -(-frames // c)
@@ -67,7 +70,13 @@ class BlockAttention(nn.Module):
         scale = self.dim_head**-0.5
         table = self.rel_pos_emb(_relative_distances(c, self.max_pos, x.device))  # [c, c, d]
         bias = torch.einsum("bhid,ijd->bhij", q, table) * scale
-        if rem:
+        if frame_ok is not None:
+            absent = ~F.pad(frame_ok, (0, blocks * c - frames)).view(1, blocks, 1, 1, c)
+            bias = bias.view(batch, blocks, *bias.shape[1:]).masked_fill(
+                absent, -torch.finfo(bias.dtype).max
+            )
+            bias = bias.view(batch * blocks, *bias.shape[2:])
+        elif rem:
             masked = torch.ones(c, c, dtype=torch.bool, device=x.device)
             masked[:rem, :rem] = False
             last = bias[blocks - 1 :: blocks]
@@ -99,8 +108,10 @@ class ConvModule(nn.Module):
         self.batch_norm = nn.BatchNorm1d(inner)
         self.down_conv = nn.Conv1d(inner, cfg.hidden_dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_ok: torch.Tensor | None = None) -> torch.Tensor:
         h = F.glu(self.up_conv(self.norm(x).transpose(1, 2)), dim=1)
+        if frame_ok is not None:
+            h = h * frame_ok.to(h.dtype)  # as the zero padding of an unbucketed batch
         h = F.silu(self.batch_norm(self.depth_conv(h)))
         return self.down_conv(h).transpose(1, 2)
 
@@ -114,10 +125,10 @@ class ConformerBlock(nn.Module):
         self.ff2 = FeedForward(cfg.hidden_dim, cfg.feedforward_mult)
         self.post_norm = nn.LayerNorm(cfg.hidden_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_ok: torch.Tensor | None = None) -> torch.Tensor:
         x = x + 0.5 * self.ff1(x)
-        x = x + self.attn(x)
-        x = x + self.conv(x)
+        x = x + self.attn(x, frame_ok)
+        x = x + self.conv(x, frame_ok)
         x = x + 0.5 * self.ff2(x)
         return self.post_norm(x)
 
@@ -127,6 +138,7 @@ class EncoderOutput:
     hidden: torch.Tensor  # [B, T, H] after the last layer
     blank_prob: torch.Tensor  # [B, T] fp32, char-CTC blank posterior at the conditioning layer
     taps: list[torch.Tensor]  # hidden states the projector reads, in `tap_layers` order
+    frame_ok: torch.Tensor | None = None  # [T] bool, False from `valid` on; None: all real
 
 
 class ConformerEncoder(nn.Module):
@@ -139,15 +151,24 @@ class ConformerEncoder(nn.Module):
         self.out_mid = nn.Linear(cfg.output_dim, cfg.hidden_dim)
         self.out_bpe = nn.Linear(cfg.hidden_dim, cfg.bpe_output_dim)
 
-    def forward(self, features: torch.Tensor, tap_layers: tuple[int, ...] = ()) -> EncoderOutput:
+    def forward(
+        self,
+        features: torch.Tensor,
+        tap_layers: tuple[int, ...] = (),
+        valid: torch.Tensor | None = None,
+    ) -> EncoderOutput:
         """Run all layers; `tap_layers` index hs (0 = input_linear output, i = after layer i,
-        -1 = last), taken after the self-conditioning bypass as the NAR model does."""
+        -1 = last), taken after the self-conditioning bypass as the NAR model does. `valid`:
+        how many leading frames are the batch's own (the rest is bucket padding)."""
         wanted = {i % (self.cfg.num_layers + 1) for i in tap_layers}
+        frame_ok = None
+        if valid is not None:
+            frame_ok = torch.arange(features.shape[1], device=features.device) < valid
         h = self.input_linear(features.to(self.input_linear.weight.dtype))
         kept = {0: h} if 0 in wanted else {}
         blank = None
         for index, layer in enumerate(self.layers, start=1):
-            h = layer(h)
+            h = layer(h, frame_ok)
             if index == self.cfg.conditioning_layer:
                 posterior = self.out(h).float().softmax(dim=-1)
                 blank = posterior[..., 0]
@@ -155,16 +176,25 @@ class ConformerEncoder(nn.Module):
             if index in wanted:
                 kept[index] = h
         taps = [kept[i % (self.cfg.num_layers + 1)] for i in tap_layers]
-        return EncoderOutput(hidden=h, blank_prob=blank, taps=taps)
+        return EncoderOutput(hidden=h, blank_prob=blank, taps=taps, frame_ok=frame_ok)
 
-    def pool_for_bpe(self, hidden: torch.Tensor, blank_prob: torch.Tensor) -> torch.Tensor:
+    def pool_for_bpe(
+        self,
+        hidden: torch.Tensor,
+        blank_prob: torch.Tensor,
+        frame_ok: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Posterior-weighted mean over windows of `bpe_pooling_window` frames (fp32, +1e-8).
 
-        Frames that are likely blank count less; the padding to a whole window has weight 0."""
+        Frames that are likely blank count less; the padding to a whole window, and frames
+        where `frame_ok` is False, have weight 0."""
         window = self.cfg.bpe_pooling_window
         batch, frames, dim = hidden.shape
         pad = -frames % window
-        weight = F.pad(1.0 - blank_prob.float(), (0, pad))
+        weight = 1.0 - blank_prob.float()
+        if frame_ok is not None:
+            weight = weight * frame_ok
+        weight = F.pad(weight, (0, pad))
         h = F.pad(hidden.float(), (0, 0, 0, pad))
         weight = weight.view(batch, -1, window)
         h = h.view(batch, -1, window, dim)

@@ -32,7 +32,6 @@ from ..api import (
     Word,
 )
 from ..audio import prepare_waveform
-from ..features import nar_features
 from .checkpoint import CheckpointError, load_model, resolve_source
 from .decoding import (
     TokenSpan,
@@ -43,8 +42,8 @@ from .decoding import (
     group_words,
     slot_times,
 )
-from .encoder import EncoderOutput
 from .model import GraniteSpeechNar
+from .runner import EncodedBatch, ModelRunner
 from .windows import merge_words, plan_windows
 
 log = logging.getLogger("engine.granite_nar")
@@ -94,8 +93,10 @@ class GraniteNarEngine:
         window_s: float = 30.0,
         window_overlap_s: float = 5.0,
         ctc_confidence_skip: float = 0.0,
+        compiled: bool = False,
     ) -> None:
         self.model = model
+        self.runner = ModelRunner(model, "compiled" if compiled else "eager")
         self.tokenizer = tokenizer
         self.device = str(model.device)
         self.max_batch = max_batch
@@ -129,6 +130,9 @@ class GraniteNarEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
+        return self.tokenizer.decode_batch(id_lists, skip_special_tokens=True)
+
     @torch.inference_mode()
     def _recognise(self, segments: Sequence[Segment], edit: bool) -> list[Hypothesis]:
         waves = [prepare_waveform(s.audio, s.sample_rate) for s in segments]
@@ -154,67 +158,48 @@ class GraniteNarEngine:
         return hypotheses
 
     def _run_batch(self, waves: list[np.ndarray], edit: bool) -> list[list[tuple[Word, list[int]]]]:
-        model, clock, device = self.model, self.clock, self.model.device
-        with clock("features", device):
-            features, lengths_t = nar_features(waves, device=device)
-            lengths = lengths_t.tolist()
+        runner, clock, device = self.runner, self.clock, self.model.device
         with clock("encoder", device):
-            encoded = model.encode(features, with_taps=edit)
-            drafts = model.ctc_draft(encoded, lengths)
-            spans = [
-                draft_spans(d.window_ids.tolist(), d.window_probs.tolist(), self.blank)
-                for d in drafts
-            ]
+            batch = runner.encode(waves, with_taps=edit)
+        spans = [
+            draft_spans(ids, probs, self.blank)
+            for ids, probs in zip(batch.ctc_ids, batch.ctc_probs, strict=True)
+        ]
         if edit:
-            keep = list(range(len(spans)))
-            if self.ctc_confidence_skip > 0:
-                keep = [
-                    i
-                    for i, sp in enumerate(spans)
-                    if draft_confidence(sp) < self.ctc_confidence_skip
-                ]
-            if len(keep) == len(spans):
-                spans = self._edit(encoded, lengths, spans, waves)
-            elif keep:
-                edited = self._edit(
-                    subset(encoded, keep),
-                    [lengths[i] for i in keep],
-                    [spans[i] for i in keep],
-                    [waves[i] for i in keep],
-                )
+            keep = [
+                i
+                for i, sp in enumerate(spans)
+                if not self.ctc_confidence_skip or draft_confidence(sp) < self.ctc_confidence_skip
+            ]
+            if keep:
+                with clock("editor", device):
+                    edited = self._edit(batch, keep, [spans[i] for i in keep], waves)
                 for i, sp in zip(keep, edited, strict=True):
                     spans[i] = sp
         with clock("words", device):
-            return [group_words(sp, self.decode, self.special) for sp in spans]
+            return [group_words(sp, self.decode_batch, self.special) for sp in spans]
 
     def _edit(
         self,
-        encoded: EncoderOutput,
-        lengths: list[int],
+        batch: EncodedBatch,
+        keep: list[int],
         spans: list[list[TokenSpan]],
         waves: list[np.ndarray],
     ) -> list[list[TokenSpan]]:
-        """One editor pass over the CTC drafts `spans`; the editor's tokens with times."""
-        model, clock, device = self.model, self.clock, self.model.device
-        with clock("projector", device):
-            audio = model.audio_embeddings(encoded, lengths)
-        with clock("editor", device):
-            slots = [
-                build_slots(
-                    [s.token_id for s in sp], self.blank, model.cfg.min_edit_sequence_length
-                )
-                for sp in spans
-            ]
-            outputs = model.edit(audio, [torch.tensor(s, device=device) for s in slots])
-            return [
-                editor_spans(
-                    out.slot_ids.tolist(),
-                    out.slot_probs.tolist(),
-                    slot_times(sp, len(s), len(w) * 1000 // TARGET_SAMPLE_RATE),
-                    self.blank,
-                )
-                for out, sp, s, w in zip(outputs, spans, slots, waves, strict=True)
-            ]
+        """One editor pass over the CTC drafts `spans` of the windows `keep`; the editor's
+        tokens with times."""
+        shortest = self.model.cfg.min_edit_sequence_length
+        slots = [build_slots([s.token_id for s in sp], self.blank, shortest) for sp in spans]
+        outputs = self.runner.edit(batch, keep, slots)
+        return [
+            editor_spans(
+                ids,
+                probs,
+                slot_times(sp, len(s), len(waves[i]) * 1000 // TARGET_SAMPLE_RATE),
+                self.blank,
+            )
+            for (ids, probs), sp, s, i in zip(outputs, spans, slots, keep, strict=True)
+        ]
 
     def _hypothesis(self, kept: list[tuple[Word, list[int]]], n_samples: int) -> Hypothesis:
         words = [w for w, _ in kept]
@@ -231,14 +216,6 @@ class GraniteNarEngine:
             confidence=confidence,
             duration_ms=n_samples * 1000 // TARGET_SAMPLE_RATE,
         )
-
-
-def subset(encoded: EncoderOutput, keep: list[int]) -> EncoderOutput:
-    """The samples `keep` of a batch's encoder output (padding as in the whole batch)."""
-    index = torch.tensor(keep, device=encoded.hidden.device)
-    return EncoderOutput(
-        encoded.hidden[index], encoded.blank_prob[index], [t[index] for t in encoded.taps]
-    )
 
 
 def pick_device(device: str) -> torch.device:
@@ -282,4 +259,5 @@ def load_engine(source: str, options: EngineOptions = DEFAULT_OPTIONS) -> Granit
         window_s=options.window_s,
         window_overlap_s=options.window_overlap_s,
         ctc_confidence_skip=options.ctc_confidence_skip,
+        compiled=options.compile,
     )

@@ -86,10 +86,15 @@ class WindowedQFormerProjector(nn.Module):
         self.out_norm = nn.LayerNorm(p, eps=cfg.layernorm_eps)
         self.out_linear = nn.Linear(p, cfg.llm_dim)
 
-    def forward(self, taps: list[torch.Tensor]) -> torch.Tensor:
-        """taps: encoder hidden states [B, T, H] -> [B, ceil(T/15)*3, llm_dim]."""
+    def forward(
+        self, taps: list[torch.Tensor], frame_ok: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """taps: encoder hidden states [B, T, H] -> [B, ceil(T/15)*3, llm_dim]. Frames where
+        `frame_ok` is False (bucket padding) become the zero rows an unbucketed batch has."""
         x = torch.cat([norm(h) for norm, h in zip(self.layer_norms, taps, strict=True)], dim=-1)
         x = F.gelu(self.layer_projector(x))
+        if frame_ok is not None:
+            x = x * frame_ok[:, None].to(x.dtype)
         batch, frames, dim = x.shape
         size, rate = self.cfg.block_size, self.cfg.downsample_rate
         blocks = -(-frames // size)

@@ -92,6 +92,7 @@ class EngineConfig:
     window_overlap_s: float = setting(DEFAULT_OPTIONS.window_overlap_s, ge=0, below="window_s")
     hub_timeout_s: float = setting(DEFAULT_OPTIONS.hub_timeout_s, gt=0)
     ctc_confidence_skip: float = setting(DEFAULT_OPTIONS.ctc_confidence_skip, ge=0, le=1)
+    compile: bool = DEFAULT_OPTIONS.compile
     refine_model: str = "none"
 
     @property

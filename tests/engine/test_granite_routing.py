@@ -11,6 +11,7 @@ from engine.api import EngineOptions, Segment
 from engine.granite_nar import engine as nar
 from engine.granite_nar.decoding import TokenSpan, draft_confidence
 from engine.granite_nar.engine import GraniteNarEngine, load_engine
+from engine.granite_nar.runner import ModelRunner
 from streaming.ops.config import load_config
 
 RATE = 16000
@@ -33,13 +34,13 @@ def routed_engine(tiny_engine: GraniteNarEngine, threshold: float) -> GraniteNar
 def editor_calls(tiny_engine, monkeypatch):
     """Segment count of each editor call (the model is shared, so any engine on it counts)."""
     calls: list[int] = []
-    edit = tiny_engine.model.edit
+    edit = ModelRunner.edit
 
-    def counting(audio, slots):
-        calls.append(len(audio))
-        return edit(audio, slots)
+    def counting(self, batch, keep, slots):
+        calls.append(len(keep))
+        return edit(self, batch, keep, slots)
 
-    monkeypatch.setattr(tiny_engine.model, "edit", counting)
+    monkeypatch.setattr(ModelRunner, "edit", counting)
     return calls
 
 

@@ -69,14 +69,20 @@ def test_inserted_tokens_are_timed_between_their_neighbours():
 
 def test_group_words_joins_subword_tokens():
     pieces = {10: " hel", 11: "lo", 12: " world", 13: "<eos>"}
-    decode = lambda ids: "".join(pieces[i] for i in ids if i != 13)  # noqa: E731
+    calls = []
+
+    def decode_batch(id_lists):
+        calls.append(len(id_lists))
+        return ["".join(pieces[i] for i in ids if i != 13) for ids in id_lists]
+
     spans = [
         TokenSpan(10, 0, 80, 0.5),
         TokenSpan(11, 80, 160, 0.5),
         TokenSpan(13, 160, 240, 1.0),
         TokenSpan(12, 240, 320, 0.8),
     ]
-    words = group_words(spans, decode, special={13})
+    words = group_words(spans, decode_batch, special={13})
+    assert calls == [3, 2]  # every token at once, then every word at once
     assert [(w.word, w.start_ms, w.end_ms) for w, _ in words] == [
         ("hello", 0, 160),
         ("world", 240, 320),

@@ -1,0 +1,172 @@
+"""The Granite NAR model runner (engine/granite_nar/runner.py): bucketed shapes, FlexAttention
+over packed rows and torch.compile must give what the eager reference gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+from engine.api import EngineOptions, Segment
+from engine.granite_nar.editor import (
+    FLEX_BLOCK,
+    FlexPackedAttention,
+    PaddedAttention,
+    document_blocks,
+)
+from engine.granite_nar.engine import GraniteNarEngine, load_engine
+from engine.granite_nar.model import EditPlan, copy_once
+from engine.granite_nar.runner import ModelRunner, bucket_frames
+from streaming.ops.config import load_config
+
+RATE = 16000
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def noise(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * RATE)) * 0.1).astype(np.float32)
+
+
+def engine_in(tiny_engine: GraniteNarEngine, mode: str) -> GraniteNarEngine:
+    engine = GraniteNarEngine(tiny_engine.model, tiny_engine.tokenizer)
+    engine.runner = ModelRunner(tiny_engine.model, mode)
+    return engine
+
+
+# lengths that cross the tiny encoder's 20-frame attention blocks, 4-frame BPE windows and
+# 15-frame projector blocks at different points, and two batches in one 2 s bucket
+BATCHES = [[1.13, 1.52, 1.97], [0.31, 0.9], [2.71], [1.2, 1.21, 1.6, 1.9]]
+
+
+def test_bucket_frames_follow_the_scheduler_buckets():
+    assert bucket_frames(1) == 50 and bucket_frames(50) == 50
+    assert bucket_frames(51) == 100 and bucket_frames(401) == 800
+    assert bucket_frames(1601) == 3200  # past the largest bucket: its multiples
+    assert all(bucket_frames(f) >= f for f in range(1, 2000, 7))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=6), st.integers(0, 2**16))
+def test_flex_attention_over_packed_rows_equals_the_padded_reference(lengths, seed):
+    torch.manual_seed(seed)
+    total = sum(lengths)
+    plan = EditPlan.build(
+        [0] * len(lengths), [0] * len(lengths), 0, [[0] * n for n in lengths], FLEX_BLOCK
+    )
+    assert len(plan.documents) % FLEX_BLOCK == 0 and len(plan.documents) - total < FLEX_BLOCK
+    blocks = copy_once(document_blocks(plan.documents), torch.device("cpu"))
+    flex = FlexPackedAttention(torch.from_numpy(plan.documents), blocks)
+    rows = len(plan.documents)
+    q, k, v = torch.randn(rows, 4, 8), torch.randn(rows, 2, 8), torch.randn(rows, 2, 8)
+    reference = PaddedAttention(lengths, torch.device("cpu"))(q[:total], k[:total], v[:total], 0.3)
+    torch.testing.assert_close(flex(q, k, v, 0.3)[:total], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_block_layout_skips_blocks_that_share_no_document():
+    documents = np.repeat([0, 1, 2], [FLEX_BLOCK * 2, FLEX_BLOCK, FLEX_BLOCK // 2])
+    documents = np.concatenate([documents, np.full(FLEX_BLOCK // 2, 3)])
+    layout = document_blocks(documents)
+    # blocks 0-1: document 0 only (full to each other); block 2: document 1; block 3: 2 and 3
+    assert layout["full_num"].tolist() == [2, 2, 1, 0]
+    assert layout["kv_num"].tolist() == [0, 0, 0, 1]
+    assert layout["full_idx"][0, :2].tolist() == [0, 1] and layout["kv_idx"][3, 0] == 3
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_bucket_padding_leaves_every_real_frame_as_the_reference(tiny_engine, batch):
+    model = tiny_engine.model
+    waves = [noise(s, i) for i, s in enumerate(batch)]
+    eager = ModelRunner(model, "eager").encode(waves, with_taps=True)
+    bucketed = ModelRunner(model, "bucketed").encode(waves, with_taps=True)
+    assert bucketed.frames == bucket_frames(eager.frames) > eager.frames
+    frames = eager.frames
+    torch.testing.assert_close(bucketed.encoded.hidden[:, :frames], eager.encoded.hidden)
+    for a, b in zip(bucketed.encoded.taps, eager.encoded.taps, strict=True):
+        torch.testing.assert_close(a[:, :frames], b)
+    for a, b in zip(bucketed.ctc_ids, eager.ctc_ids, strict=True):
+        assert a.tolist() == b.tolist()
+    for a, b in zip(bucketed.ctc_probs, eager.ctc_probs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    rows = [n // 5 for n in eager.lengths]
+    with torch.inference_mode():
+        mine, reference = (model.projected(x.encoded) for x in (bucketed, eager))
+    for i, n in enumerate(rows):
+        torch.testing.assert_close(mine[i, :n], reference[i, :n])
+
+
+def test_without_bucket_padding_the_encoder_is_unchanged(tiny_engine):
+    """Passing `valid` equal to the frame count masks nothing the reference does not."""
+    features = torch.randn(2, 47, 160)
+    model = tiny_engine.model
+    with torch.no_grad():
+        plain = model.encode(features, with_taps=True)
+        masked = model.encode(features, with_taps=True, valid=47)
+    torch.testing.assert_close(masked.hidden, plain.hidden)
+
+
+def test_bucketed_engine_gives_the_eager_transcripts(tiny_engine):
+    engine = engine_in(tiny_engine, "bucketed")
+    for batch in BATCHES:
+        segments = [Segment(noise(s, i + 10)) for i, s in enumerate(batch)]
+        for call in ("draft", "transcribe"):
+            mine = getattr(engine, call)(segments)
+            reference = getattr(tiny_engine, call)(segments)
+            for a, b in zip(mine, reference, strict=True):
+                assert a.token_ids == b.token_ids and a.text == b.text
+                assert [w.word for w in a.words] == [w.word for w in b.words]
+                assert a.confidence == pytest.approx(b.confidence, rel=1e-4)
+
+
+def test_bucketed_bf16_agrees_with_eager_bf16(tiny_checkpoint):
+    """bf16 rounding differs between padded shapes: the argmax must still agree almost
+    everywhere (spec §10: CTC hypotheses may flip on marginal frames)."""
+    engine = load_engine(str(tiny_checkpoint), EngineOptions(device="cpu", dtype="bfloat16"))
+    waves = [noise(s, i) for i, s in enumerate([1.13, 1.52, 1.97, 2.71])]
+    eager = ModelRunner(engine.model, "eager").encode(waves, with_taps=False)
+    bucketed = ModelRunner(engine.model, "bucketed").encode(waves, with_taps=False)
+    same = sum(int((a == b).sum()) for a, b in zip(eager.ctc_ids, bucketed.ctc_ids, strict=True))
+    total = sum(len(a) for a in eager.ctc_ids)
+    assert same / total >= 0.95
+
+
+def test_an_unknown_mode_is_refused(tiny_engine):
+    with pytest.raises(ValueError, match="compiled"):
+        ModelRunner(tiny_engine.model, "fast")
+
+
+def test_the_compile_setting_reaches_the_runner(tiny_checkpoint):
+    cfg = load_config(env={}, overrides={"engine.compile": "true"})
+    assert cfg.engine.compile is True
+    assert load_config(env={"STREAMSCRIBE_ENGINE__COMPILE": "true"}).engine.compile is True
+    keywords = cfg.engine.load_keywords(str(tiny_checkpoint))
+    keywords.update(device="cpu", dtype="float32")
+    from engine import selection
+
+    assert selection.load_engine(**keywords).runner.mode == "compiled"
+    assert load_engine(str(tiny_checkpoint)).runner.mode == "eager"
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tiny_checkpoint):
+    options = EngineOptions(device="cpu", dtype="float32", compile=True)
+    return load_engine(str(tiny_checkpoint), options)
+
+
+def test_compiled_engine_is_argmax_identical_and_compiles_once_per_shape_family(
+    compiled_engine, tiny_engine
+):
+    """fp32 on tiny weights: torch.compile (inductor, CPU) gives the eager tokens exactly; new
+    lengths and batch sizes within a bucket compile nothing new."""
+    graphs = []
+    for batch in [*BATCHES, [1.4, 1.75], [1.05, 1.33, 1.66, 1.99, 1.5]]:
+        segments = [Segment(noise(s, i + 20)) for i, s in enumerate(batch)]
+        mine = compiled_engine.transcribe(segments)
+        reference = tiny_engine.transcribe(segments)
+        for a, b in zip(mine, reference, strict=True):
+            assert a.token_ids == b.token_ids and a.text == b.text
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[-3]  # the last two batches: known shapes, no new graph
