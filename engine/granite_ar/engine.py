@@ -1,10 +1,10 @@
 """The `granite-ar` family: Granite Speech 4.1 2B (autoregressive) through transformers.
 
-Used as an accuracy pass on finals, and for keyword biasing and translation prompts. Each
-clip is encoded on its own (features, encoder, projector), so its text does not depend on what
-else is in the batch; the prompts then decode together, left-padded, with greedy search and
-the KV cache. `draft` is `transcribe`: decoding is the whole cost of this model, so there is
-no cheaper partial.
+Used as an accuracy pass on finals, and for keyword biasing and translation prompts. A clip is
+encoded (features, encoder, projector) only with clips of its own length, never padded, so its
+text does not depend on what else is in the batch; the prompts then decode together,
+left-padded, with greedy search and the KV cache. `draft` is `transcribe`: decoding is the whole
+cost of this model, so there is no cheaper partial.
 """
 
 from __future__ import annotations
@@ -38,12 +38,18 @@ from ..hub import resolve_source
 from .checkpoint import (
     HUB_PATTERNS,
     ArConfig,
-    audio_token_count,
     load_model,
     load_tokenizer,
     read_config,
 )
-from .generation import BudgetStop, ChosenTokenProbs, LoopStop, token_budget
+from .generation import (
+    LOOP_CHECK_EVERY,
+    BudgetStop,
+    ChosenTokenProbs,
+    LoopStop,
+    first_loop,
+    token_budget,
+)
 from .prompt import (
     ASR_LANGUAGES,
     END_OF_TEXT,
@@ -177,13 +183,26 @@ class GraniteArEngine:
         plan = plan_windows(wave.size, self.window, self.overlap)
         return [(a, b) for a, b in plan if b - a >= SAMPLES_PER_FRAME]
 
-    def audio_embeddings(self, wave: np.ndarray) -> tuple[torch.Tensor, int]:
-        """Projector output [N, hidden] for one clip, and its encoder frame count; computed
-        alone so that batch padding never reaches the clip's encoder."""
+    def audio_embeddings(self, waves: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Projector output [N, hidden] per clip, one encoder call per distinct clip length.
+
+        The encoder takes no padding mask: padding would enter a short clip's last attention
+        block, its convolutions, its projector window and its log-mel floor. Clips of one length
+        need none, and windows of long audio or clips of a fixed size share a length."""
+        by_length: dict[int, list[int]] = {}
+        for index, wave in enumerate(waves):
+            by_length.setdefault(wave.size, []).append(index)
+        rows: dict[int, torch.Tensor] = {}
+        for indices in by_length.values():
+            encoded = self.encode_same_length([waves[i] for i in indices])
+            rows.update(zip(indices, encoded, strict=True))
+        return [rows[index] for index in range(len(waves))]
+
+    def encode_same_length(self, waves: Sequence[np.ndarray]) -> torch.Tensor:
+        """Projector output [B, N, hidden] of clips that all have the same length."""
         model = self.model
-        features, frames = ar_features([wave], device=model.device)
-        encoded = model.get_audio_features(features.to(model.dtype)).pooler_output[0]
-        return encoded, int(frames[0])
+        features, _ = ar_features(waves, device=model.device)
+        return model.get_audio_features(features.to(model.dtype)).pooler_output
 
     def batch_inputs(
         self, waves: Sequence[np.ndarray], instructions: Sequence[str]
@@ -191,10 +210,10 @@ class GraniteArEngine:
         """Left-padded prompt ids (one user instruction per clip), their embeddings with the
         audio rows in place, and the attention mask, ready for `generate`."""
         model, audio_id = self.model, self.config.audio_token_id
-        audio, frames = zip(*(self.audio_embeddings(wave) for wave in waves), strict=True)
+        audio = self.audio_embeddings(waves)
         prompts = [
-            self.prompt_ids(text, audio_token_count(n, self.config))
-            for n, text in zip(frames, instructions, strict=True)
+            self.prompt_ids(text, rows.shape[0])
+            for rows, text in zip(audio, instructions, strict=True)
         ]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
@@ -255,15 +274,17 @@ class GraniteArEngine:
 
     def window_text(self, row: list[int], probs: list[float], budget: int) -> WindowText:
         """The text tokens of one generated row: up to end-of-text (or the padding that follows
-        a stopped sample), within the budget, with a trailing loop trimmed to one copy."""
+        a stopped sample), within the budget, cut where a loop check after every token would
+        have stopped (`LoopStop` checks every LOOP_CHECK_EVERY tokens, so the first loop lies in
+        the last ones) and the loop trimmed to one copy."""
         end, stop = min(len(row), budget), "budget"
         for position, token in enumerate(row[:end]):
             if token in (self.eos, self.pad):
                 end, stop = position, "eos" if token == self.eos else "budget"
                 break
-        keep = loop_end(row[:end])
-        if keep is not None:
-            end, stop = keep, "loop"
+        looped = first_loop(row[:end], end - LOOP_CHECK_EVERY)
+        if looped is not None:
+            end, stop = loop_end(row[:looped]), "loop"
         return WindowText(row[:end], probs[:end], stop)
 
     def _timed_words(self, text: WindowText, start: int, end: int) -> list[tuple[Word, list[int]]]:

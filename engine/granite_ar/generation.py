@@ -38,16 +38,38 @@ class BudgetStop(StoppingCriteria):
         return (input_ids.shape[1] - self.prompt_width) >= self.budgets
 
 
+# LoopStop reads the generated tokens back to the host only every LOOP_CHECK_EVERY steps: each
+# read waits for the device, and a wait per token stalls a GPU's queue of decoding steps. Each
+# check looks at every prefix that ended since the previous one, so a loop is still seen, up to
+# LOOP_CHECK_EVERY - 1 tokens late; `first_loop` then finds where a check after every token would
+# have stopped, and results are the same as with one.
+LOOP_CHECK_EVERY = 8
+
+
+def first_loop(ids: Sequence[int], after: int = 0) -> int | None:
+    """Length of the shortest prefix of `ids` longer than `after` that ends in a loop (see
+    `text.loop_end`): where a loop check after every token stops. None when there is none."""
+    for length in range(max(after, 0) + 1, len(ids) + 1):
+        if loop_end(ids[max(0, length - LOOP_WINDOW) : length]) is not None:
+            return length
+    return None
+
+
 class LoopStop(StoppingCriteria):
-    """Stops a sample whose generated tokens end in a loop (see `text.loop_end`)."""
+    """Stops a sample whose generated tokens end in a loop, checked every LOOP_CHECK_EVERY
+    steps."""
 
     def __init__(self, prompt_width: int) -> None:
         self.prompt_width = prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs) -> torch.Tensor:
-        start = max(self.prompt_width, input_ids.shape[1] - LOOP_WINDOW)
+        width = input_ids.shape[1]
+        if (width - self.prompt_width) % LOOP_CHECK_EVERY:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        start = max(self.prompt_width, width - LOOP_WINDOW - LOOP_CHECK_EVERY + 1)
         tails = input_ids[:, start:].tolist()
-        return torch.tensor([loop_end(t) is not None for t in tails], device=input_ids.device)
+        looped = [first_loop(t, len(t) - LOOP_CHECK_EVERY) is not None for t in tails]
+        return torch.tensor(looped, device=input_ids.device)
 
 
 class ChosenTokenProbs(LogitsProcessor):

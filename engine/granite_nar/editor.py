@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .config import TextConfig
+from .encoder import LayerCall, call_layer
 
 # q [N, H, d], k and v [N, KV, d], scale -> [N, H, d], each sample attending to itself only
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -226,13 +227,19 @@ class GraniteEditor(nn.Module):
         attend = PaddedAttention(lengths, embeds.device)
         return self.run(embeds, attend.position, attend)
 
-    def run(self, embeds: torch.Tensor, position: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def run(
+        self,
+        embeds: torch.Tensor,
+        position: torch.Tensor,
+        attend: Attend,
+        call: LayerCall = call_layer,
+    ) -> torch.Tensor:
         """The layers over packed rows at `position` inside their samples, `attend` keeping
-        the samples apart."""
+        the samples apart; `call` runs each layer (see encoder.LayerCall)."""
         x = embeds * self.cfg.embedding_multiplier
         rope = rotary_tables(position, self.cfg.attention_head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, attend, rope)
+            x = call(layer, x, attend, rope)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

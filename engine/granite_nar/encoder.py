@@ -11,6 +11,7 @@ exactly as without the extra padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
+
+# How a stack runs each of its layers: `call(layer, *inputs)`; the compiled runner passes one
+# compiled function, so one graph serves every layer of a stack (regional compilation).
+LayerCall = Callable[..., torch.Tensor]
+
+
+def call_layer(layer: nn.Module, *inputs) -> torch.Tensor:
+    return layer(*inputs)
 
 
 class FeedForward(nn.Module):
@@ -155,11 +164,13 @@ class ConformerEncoder(nn.Module):
         self,
         features: torch.Tensor,
         tap_layers: tuple[int, ...] = (),
-        valid: torch.Tensor | None = None,
+        valid: int | None = None,
+        call: LayerCall = call_layer,
     ) -> EncoderOutput:
         """Run all layers; `tap_layers` index hs (0 = input_linear output, i = after layer i,
         -1 = last), taken after the self-conditioning bypass as the NAR model does. `valid`:
-        how many leading frames are the batch's own (the rest is bucket padding)."""
+        how many leading frames are the batch's own (the rest is bucket padding). `call` runs
+        each block (the compiled runner passes a compiled one)."""
         wanted = {i % (self.cfg.num_layers + 1) for i in tap_layers}
         frame_ok = None
         if valid is not None:
@@ -168,7 +179,7 @@ class ConformerEncoder(nn.Module):
         kept = {0: h} if 0 in wanted else {}
         blank = None
         for index, layer in enumerate(self.layers, start=1):
-            h = layer(h, frame_ok)
+            h = call(layer, h, frame_ok)
             if index == self.cfg.conditioning_layer:
                 posterior = self.out(h).float().softmax(dim=-1)
                 blank = posterior[..., 0]

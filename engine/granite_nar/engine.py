@@ -252,7 +252,7 @@ def load_engine(source: str, options: EngineOptions = DEFAULT_OPTIONS) -> Granit
     torch_device = pick_device(options.device)
     model = load_model(folder, torch_device, pick_dtype(options.dtype, torch_device))
     log.info("granite-nar loaded", extra={"source": str(folder), "device": str(torch_device)})
-    return GraniteNarEngine(
+    engine = GraniteNarEngine(
         model,
         load_tokenizer(folder),
         max_batch=options.max_batch,
@@ -261,3 +261,7 @@ def load_engine(source: str, options: EngineOptions = DEFAULT_OPTIONS) -> Granit
         ctc_confidence_skip=options.ctc_confidence_skip,
         compiled=options.compile,
     )
+    if options.compile:
+        seconds = engine.runner.warm_up(engine.window / TARGET_SAMPLE_RATE)
+        log.info("granite-nar compiled", extra={"seconds": round(seconds, 1)})
+    return engine

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import NarConfig
 from .editor import Attend, GraniteEditor, PaddedAttention, packed_positions
-from .encoder import ConformerEncoder, EncoderOutput
+from .encoder import ConformerEncoder, EncoderOutput, LayerCall, call_layer
 from .projector import WindowedQFormerProjector
 
 
@@ -52,10 +52,14 @@ class GraniteSpeechNar(nn.Module):
         return self.encoder.input_linear.weight.dtype
 
     def encode(
-        self, features: torch.Tensor, with_taps: bool, valid: int | None = None
+        self,
+        features: torch.Tensor,
+        with_taps: bool,
+        valid: int | None = None,
+        call: LayerCall = call_layer,
     ) -> EncoderOutput:
         taps = self.cfg.encoder_layer_indices if with_taps else ()
-        return self.encoder(features, tap_layers=tuple(taps), valid=valid)
+        return self.encoder(features, tap_layers=tuple(taps), valid=valid, call=call)
 
     def ctc_windows(self, enc: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy BPE CTC over every pooled window of the batch: ids and argmax probabilities
@@ -93,14 +97,18 @@ class GraniteSpeechNar(nn.Module):
         return [projected[i, : length // rate] for i, length in enumerate(lengths)]
 
     def edit_packed(
-        self, audio_rows: torch.Tensor, plan: EditTensors, attend: Attend
+        self,
+        audio_rows: torch.Tensor,
+        plan: EditTensors,
+        attend: Attend,
+        call: LayerCall = call_layer,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One bidirectional pass: packed rows gathered from [audio_rows ; slot embeddings]
         by `plan`; argmax ids and probabilities of the text slots only (the LM head skips
         the audio rows)."""
         embed = self.language_model.model.embed_tokens
         rows = torch.cat([audio_rows, embed(plan.slot_ids)])[plan.gather]
-        hidden = self.language_model.run(rows, plan.position, attend)
+        hidden = self.language_model.run(rows, plan.position, attend, call)
         logits = self.language_model.logits(hidden[plan.text_rows]).float()
         best, ids = logits.max(dim=-1)
         return ids, torch.exp(best - torch.logsumexp(logits, dim=-1))

@@ -12,24 +12,27 @@ Mode "compiled" ("bucketed" is the same without `torch.compile`): the frames of 
 padded up to the scheduler's length bucket (`engine.api.length_bucket`) and the packed editor
 rows up to a multiple of `FLEX_BLOCK`, so compiled shapes come from a small fixed set; the
 encoder masks the bucket padding so that every real frame comes out as in the eager reference
-(encoder.py); the editor attends with FlexAttention over the packed rows (editor.py); the
-encoder-and-CTC and the projector-and-editor steps are each one `torch.compile`d function with
-dynamic shapes (the batch size, the valid frame count and the packed rows stay symbolic, so a
-new length inside a bucket compiles nothing).
+(encoder.py); the editor attends with FlexAttention over the packed rows (editor.py); and each
+encoder block and each editor layer runs through a `torch.compile`d call (regional compilation:
+one graph serves all 16 blocks, another all 40 layers, so compiling takes a layer's time, not
+a whole model's). Graphs are made per length bucket (`warm_up` makes them all before serving);
+batch size and packed editor rows become symbolic, so new batches compile nothing. Features,
+pooling, projector and heads stay eager: a handful of kernels per batch.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..api import length_bucket
+from ..api import LENGTH_BUCKETS_S, length_bucket
 from ..features import SAMPLES_PER_FEATURE, nar_batch
 from .editor import FLEX_BLOCK, FlexPackedAttention, PaddedAttention, document_blocks
-from .encoder import EncoderOutput
+from .encoder import EncoderOutput, call_layer
 from .model import EditPlan, EditTensors, GraniteSpeechNar, copy_once
 
 FRAMES_PER_SECOND = 16000 // SAMPLES_PER_FEATURE
@@ -38,6 +41,12 @@ FRAMES_PER_SECOND = 16000 // SAMPLES_PER_FEATURE
 def bucket_frames(frames: int) -> int:
     """The padded frame count of a batch whose longest window has `frames` frames."""
     return max(frames, round(length_bucket(frames / FRAMES_PER_SECOND) * FRAMES_PER_SECOND))
+
+
+def warm_up_lengths(longest_s: float) -> list[float]:
+    """One window length per length bucket, up to the bucket that holds `longest_s`."""
+    last = length_bucket(longest_s)
+    return [min(bound, longest_s) for bound in LENGTH_BUCKETS_S if bound <= last]
 
 
 @dataclass
@@ -64,11 +73,32 @@ class ModelRunner:
         self.mode = mode
         self.bucketed = mode != "eager"
         self.device = model.device
-        self._encode_step = self._encode_and_draft
-        self._edit_step = self._project_and_edit
+        self._call_block = self._call_layer = call_layer
         if mode == "compiled":
-            self._encode_step = torch.compile(self._encode_and_draft, dynamic=True)
-            self._edit_step = torch.compile(self._project_and_edit, dynamic=True)
+            # one compiled function per stack: dynamo keeps its graphs (and learns which sizes
+            # vary) per function, and encoder blocks and editor layers share no shapes
+            self._call_block = torch.compile(call_block, dynamic=None)
+            self._call_layer = torch.compile(call_editor_layer, dynamic=None)
+
+    def warm_up(self, longest_s: float) -> float:
+        """Compile before serving, so that no stream's first final waits for it: a batch of one
+        and of two windows in every length bucket up to `longest_s` (the engine's window).
+        Shapes differ in ways torch.compile specialises on (a batch of one, one attention block
+        or several, padding to a whole block or none), so each bucket gets its own graphs;
+        batch size and packed editor rows are symbolic after that. Returns the seconds it took
+        (0 when not compiled)."""
+        if self.mode != "compiled":
+            return 0.0
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        blank, slots = self.model.cfg.blank_token_id, self.model.cfg.min_edit_sequence_length
+        for seconds in warm_up_lengths(longest_s):
+            for count in (1, 2):
+                waves = [0.1 * rng.standard_normal(int(seconds * 16000), np.float32)] * count
+                self.encode(waves, with_taps=False)
+                batch = self.encode(waves, with_taps=True)
+                self.edit(batch, list(range(count)), [[blank] * slots] * count)
+        return time.perf_counter() - start
 
     @torch.inference_mode()
     def encode(self, waves: list[np.ndarray], with_taps: bool) -> EncodedBatch:
@@ -78,7 +108,7 @@ class ModelRunner:
         if self.bucketed:
             valid, frames = frames, bucket_frames(frames)
             features = F.pad(features, (0, 0, 0, frames - valid))
-        encoded, ctc = self._encode_step(features, valid, with_taps)
+        encoded, ctc = self._encode_and_draft(features, valid, with_taps)
         ids, probs = ctc.cpu().numpy()  # the batch's one device-to-host copy before the editor
         window = self.model.cfg.encoder.bpe_pooling_window
         counts = [-(-length // window) for length in lengths]
@@ -114,7 +144,7 @@ class ModelRunner:
             attend = FlexPackedAttention(on_device.pop("documents"), on_device)
         else:
             attend = PaddedAttention(plan.lengths, self.device)
-        out = self._edit_step(batch.encoded, tensors, attend).cpu().numpy()  # one copy back
+        out = self._project_and_edit(batch.encoded, tensors, attend).cpu().numpy()  # one copy back
         counts = np.cumsum([len(s) for s in slots])[:-1]
         return list(
             zip(np.split(out[0].astype(np.int64), counts), np.split(out[1], counts), strict=True)
@@ -123,11 +153,21 @@ class ModelRunner:
     def _encode_and_draft(
         self, features: torch.Tensor, valid: int | None, with_taps: bool
     ) -> tuple[EncoderOutput, torch.Tensor]:
-        encoded = self.model.encode(features, with_taps, valid)
+        encoded = self.model.encode(features, with_taps, valid, self._call_block)
         ids, probs = self.model.ctc_windows(encoded)
         return encoded, torch.stack([ids.float(), probs])  # ids < 2^24: exact in float32
 
     def _project_and_edit(self, encoded: EncoderOutput, plan: EditTensors, attend) -> torch.Tensor:
         audio_rows = self.model.projected(encoded).flatten(0, 1)
-        ids, probs = self.model.edit_packed(audio_rows, plan, attend)
+        ids, probs = self.model.edit_packed(audio_rows, plan, attend, self._call_layer)
         return torch.stack([ids.float(), probs])
+
+
+def call_block(layer: torch.nn.Module, *inputs) -> torch.Tensor:
+    """An encoder block, compiled on its own (see `ModelRunner`)."""
+    return layer(*inputs)
+
+
+def call_editor_layer(layer: torch.nn.Module, *inputs) -> torch.Tensor:
+    """An editor layer, compiled on its own (see `ModelRunner`)."""
+    return layer(*inputs)

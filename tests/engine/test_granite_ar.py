@@ -26,13 +26,15 @@ from engine.api import (
 )
 from engine.features import ar_features
 from engine.granite_ar import engine as ar_engine
-from engine.granite_ar import load_engine
+from engine.granite_ar import generation, load_engine
 from engine.granite_ar.checkpoint import audio_token_count
 from engine.granite_ar.generation import (
+    LOOP_CHECK_EVERY,
     TOKEN_HEADROOM,
     TOKENS_PER_SECOND,
     BudgetStop,
     LoopStop,
+    first_loop,
     token_budget,
 )
 from engine.granite_ar.prompt import (
@@ -222,7 +224,14 @@ def test_loop_end(ids, keep):
     assert loop_end(ids) == keep
 
 
-def test_loop_stop_looks_only_at_generated_tokens():
+def check_loops_every_token(monkeypatch) -> None:
+    """The loop check after every generated token, as before it was spaced out."""
+    monkeypatch.setattr(generation, "LOOP_CHECK_EVERY", 1)
+    monkeypatch.setattr(ar_engine, "LOOP_CHECK_EVERY", 1)
+
+
+def test_loop_stop_looks_only_at_generated_tokens(monkeypatch):
+    check_loops_every_token(monkeypatch)
     prompt = [4] + [3] * MIN_LOOP_TOKENS
     rows = torch.tensor(
         [
@@ -236,6 +245,29 @@ def test_loop_stop_looks_only_at_generated_tokens():
     continued = torch.tensor([prompt + [3, 3, 3]])
     assert LoopStop(prompt_width=len(prompt))(continued, None).tolist() == [False]
     assert LoopStop(prompt_width=0)(continued, None).tolist() == [True]
+
+
+def test_loop_stop_reads_tokens_only_every_few_steps_and_misses_no_loop():
+    prompt = [4, 5, 6]
+    looped = prompt + [1, 2, 3] + [7, 8] * 8
+    generated = len(looped) - len(prompt)  # the loop is complete at this step
+    assert generated % LOOP_CHECK_EVERY != 0
+    stop = LoopStop(prompt_width=len(prompt))
+    assert stop(torch.tensor([looped]), None).tolist() == [False], "no check on this step"
+    check_at = math.ceil(generated / LOOP_CHECK_EVERY) * LOOP_CHECK_EVERY
+    # The decoder has left the loop by the next check, which still sees where it was.
+    moved_on = looped + list(range(40, 40 + check_at - generated))
+    clean = prompt + list(range(40, 40 + check_at))
+    assert stop(torch.tensor([moved_on, clean]), None).tolist() == [True, False]
+
+
+def test_first_loop_is_where_a_check_per_token_stops():
+    row = [9] + [7, 8] * 8 + [5, 6, 5]
+    assert first_loop(row) == 17
+    assert first_loop(row, after=16) == 17
+    assert first_loop(row, after=17) is None
+    assert first_loop([5] * 200) == 16
+    assert first_loop([1, 2, 3]) is None
 
 
 def test_budget_stop_is_per_sample():
@@ -253,6 +285,9 @@ def test_window_text_cuts_at_end_of_text_padding_budget_and_loops(engine):
         ([10, 11, 12, pad, pad], 5, [10, 11, 12], "budget"),
         ([10, 11, 12, 13, 14], 3, [10, 11, 12], "budget"),
         ([9] + [7, 8] * 8 + [pad], 40, [9, 7, 8], "loop"),
+        # A loop seen at a later check: cut where a check per token would have stopped it.
+        ([9] + [7, 8] * 8 + [5, 6, 5, pad], 40, [9, 7, 8], "loop"),
+        ([9] + [7, 8] * 8 + [5, eos, pad], 40, [9, 7, 8], "loop"),
     ]
     for row, budget, ids, stop in cases:
         text = engine.window_text(row, probs[: len(row)], budget)
@@ -271,6 +306,23 @@ def test_generation_respects_budgets_and_trims_loops(engine):
         if result.stop == "budget":
             assert len(result.ids) == budget
         assert loop_end(result.ids) is None
+
+
+def looping_segments() -> list[Segment]:
+    """The mix plus noise and long tones: windows that loop, run to the budget or stop."""
+    noisy = [Segment(noise(seconds, seed=seed)) for seed, seconds in enumerate([1.3, 2.0, 3.7])]
+    return mixed_segments() + noisy + [Segment(tone(200, 9.0)), Segment(tone(150, 6.5))]
+
+
+def test_spacing_the_loop_checks_changes_no_result(engine, monkeypatch):
+    segments = looping_segments()
+    waves = [s.audio for s in segments]
+    spaced = engine.generate(waves, [PLAIN] * len(waves))
+    assert sum(r.stop == "loop" for r in spaced) >= 2, "the inputs should loop"
+    spaced_hyps = engine.transcribe(segments)
+    check_loops_every_token(monkeypatch)
+    assert engine.generate(waves, [PLAIN] * len(waves)) == spaced
+    assert engine.transcribe(segments) == spaced_hyps
 
 
 def test_a_smaller_budget_binds_generation(engine, monkeypatch):
@@ -392,6 +444,43 @@ def test_batch_results_equal_one_at_a_time(engine):
         ]
         assert b.confidence == pytest.approx(a.confidence, abs=1e-5)
     assert engine.transcribe(segments[::-1])[::-1] == batched
+
+
+def clip_alone(model, wave: np.ndarray) -> torch.Tensor:
+    """Projector rows of one clip encoded on its own, straight through transformers."""
+    features, _ = ar_features([wave])
+    with torch.inference_mode():
+        return model.get_audio_features(features).pooler_output[0]
+
+
+def test_clips_of_one_length_share_an_encoder_call(engine, model, monkeypatch):
+    """Rows match the clip encoded alone up to float rounding (a batch of B rounds its 1x1
+    convolutions differently from a batch of 1, by ~1e-6); padding would move them by ~1."""
+    # 4800 and 4801 samples give the same encoder frame count, but not the same features.
+    waves = [noise(2.0, seed=1), tone(300, 1.0), noise(2.0, seed=2), noise(4800 / RATE, seed=3)]
+    waves += [noise(4801 / RATE, seed=4), noise(2.0, seed=5), tone(1000, 1.3)]
+    calls = []
+    encode_same_length = engine.encode_same_length
+    monkeypatch.setattr(
+        engine,
+        "encode_same_length",
+        lambda group: calls.append(len(group)) or encode_same_length(group),
+    )
+    with torch.inference_mode():
+        rows = engine.audio_embeddings(waves)
+    assert sorted(calls) == [1, 1, 1, 1, 3], "one call per distinct length"
+    for wave, row in zip(waves, rows, strict=True):
+        torch.testing.assert_close(row, clip_alone(model, wave), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    segments = [Segment(w) for w in waves]
+    for batched, alone in zip(
+        engine.transcribe(segments), [engine.transcribe([s])[0] for s in segments], strict=True
+    ):
+        assert (batched.text, batched.token_ids) == (alone.text, alone.token_ids)
+        assert [(w.word, w.start_ms, w.end_ms) for w in batched.words] == [
+            (w.word, w.start_ms, w.end_ms) for w in alone.words
+        ]
+        assert batched.confidence == pytest.approx(alone.confidence, abs=1e-5)
 
 
 def test_max_batch_splits_without_changing_results(engine):
