@@ -5,9 +5,11 @@ One command that on a GPU finishes in minutes and writes one record (benchmarks/
 1. parity: argmax agreement between bf16 and fp32 of the Granite NAR model's CTC draft and
    editor outputs, on tiny random weights (a `write_tiny_checkpoint` folder) and on full-size
    random weights (the real 2B shape, `full_size_config`); on CPU the tiny config only;
-2. RTFx (audio seconds per compute second) of `draft` and `transcribe`, eager, at batch
-   1/32/128/512 with full-size random weights (GPU) or 1/4/16 with tiny weights (CPU); a
-   `compiled` entry says it is not implemented yet;
+2. RTFx (audio seconds per compute second) of `draft` and `transcribe`, eager and compiled
+   (`engine.compile`'s runner, after its warm-up, whose seconds are recorded), at batch
+   1/32/128/512 with full-size random weights (GPU) or 1/4/16 with tiny weights (CPU); how
+   often the compiled transcripts equal the eager ones; on a GPU, the host-device
+   synchronisations of one batch, eager and compiled, counted by CUDA's sync debug mode;
 3. peak GPU memory per batch size (null on CPU);
 4. `benchmarks.stream_load` with granite-nar on a random full-size checkpoint (skipped on CPU,
    with the reason recorded, as it needs minutes).
@@ -24,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 from benchmarks import rtfx
 from benchmarks.results import write_result
@@ -36,6 +40,7 @@ from engine.audio import prepare_waveform
 from engine.features import nar_features
 from engine.granite_nar.checkpoint import save_model
 from engine.granite_nar.decoding import build_slots, draft_spans
+from engine.granite_nar.engine import GraniteNarEngine
 from engine.granite_nar.model import GraniteSpeechNar
 from engine.selection import load_engine
 from tests.checkpoints.granite_nar import write_tiny_checkpoint
@@ -153,20 +158,76 @@ def rtfx_at(engine, segments: list[Segment], batch: int, on_gpu: bool, repeats: 
 
 
 def rtfx_suite(engine, batches: tuple[int, ...], seconds: float, on_gpu: bool) -> dict:
+    """Eager, then compiled (the same weights through `engine.compile`'s runner), at each batch
+    size; the compiled transcripts are compared with the eager ones."""
     largest = max(batches)
     segments, source = clip_audio(largest, seconds)
-    out = {"audio": source, "clip_seconds": seconds, "eager": {}}
+    out = {"audio": source, "clip_seconds": seconds, "eager": {}, "compiled": {}}
+    repeats = 2 if on_gpu else 1
     for batch in batches:
         start = time.perf_counter()
-        entry = rtfx_at(engine, segments[:batch], batch, on_gpu, repeats=2 if on_gpu else 1)
+        entry = rtfx_at(engine, segments[:batch], batch, on_gpu, repeats)
         out["eager"][str(batch)] = entry
-        progress(
-            f"batch {batch:>4}: draft RTFx {entry['draft']['rtfx']:>9}  transcribe RTFx "
-            f"{entry['transcribe']['rtfx']:>9}  peak memory {entry['peak_memory_gib']} GiB  "
-            f"({time.perf_counter() - start:.1f} s)"
+        report("eager", batch, entry, start)
+    compiled = GraniteNarEngine(engine.model, engine.tokenizer, compiled=True)
+    progress(f"compiling ({seconds:.0f} s bucket, batch 1, 2 and {largest}) ...")
+    warm_up = compiled.runner.warm_up(seconds, largest, shortest_s=seconds)
+    out["compile_seconds"] = round(warm_up, 1)
+    progress(f"compiled in {out['compile_seconds']} s")
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in batches:
+        start = time.perf_counter()
+        entry = rtfx_at(compiled, segments[:batch], batch, on_gpu, repeats)
+        engine.max_batch = batch
+        entry["same_as_eager"] = same_transcripts(
+            compiled.transcribe(segments[:batch]), engine.transcribe(segments[:batch])
         )
-    out["compiled"] = "not implemented yet"
+        out["compiled"][str(batch)] = entry
+        report("compiled", batch, entry, start)
+    out["graphs_compiled_after_warm_up"] = counters["stats"]["unique_graphs"] - graphs
+    out["host_syncs_per_batch"] = host_syncs(engine, compiled, segments[: min(batches[-1], 32)])
     return out
+
+
+def report(mode: str, batch: int, entry: dict, start: float) -> None:
+    progress(
+        f"{mode:>8} batch {batch:>4}: draft RTFx {entry['draft']['rtfx']:>9}  transcribe RTFx "
+        f"{entry['transcribe']['rtfx']:>9}  peak memory {entry['peak_memory_gib']} GiB  "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+
+
+def same_transcripts(mine: list, reference: list) -> dict:
+    """Share of segments whose token ids are identical, and of token positions that agree."""
+    pairs = [(a.token_ids, b.token_ids) for a, b in zip(mine, reference, strict=True)]
+    same = sum(a == b for a, b in pairs)
+    positions = sum(max(len(a), len(b)) for a, b in pairs)
+    agree = sum(x == y for a, b in pairs for x, y in zip(a, b, strict=False))
+    return {
+        "segments_identical": round(same / len(mine), 4) if mine else None,
+        "token_agreement": round(agree / positions, 4) if positions else None,
+    }
+
+
+def host_syncs(eager, compiled, segments: list[Segment]) -> dict:
+    """Host-device synchronisations during one `transcribe` batch, as CUDA's sync debug mode
+    reports them (null on CPU, which has none to count)."""
+    if not torch.cuda.is_available() or eager.model.device.type != "cuda":
+        return {"skipped": "CPU run: no device synchronisation to count"}
+    counts = {}
+    for name, engine in (("eager", eager), ("compiled", compiled)):
+        engine.max_batch = len(segments)
+        engine.transcribe(segments)  # warm
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.transcribe(segments)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[name] = sum("synchroniz" in str(w.message) for w in caught)
+    counts["batch"] = len(segments)
+    return counts
 
 
 # --- load benchmark ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the time split per stage; writes the figures to benchmarks/results/.
 
     python -m benchmarks.rtfx                 # full size bf16 on CUDA, reduced fp32 on CPU
     python -m benchmarks.rtfx --size full --batch 64 --segments 512
+    python -m benchmarks.rtfx --compile        # the compiled runner (engine.compile)
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ def main() -> None:
     parser.add_argument("--max-s", type=float, default=15.0)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="the compiled runner (engine.compile), warmed up"
+    )
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -158,8 +162,13 @@ def main() -> None:
     print("calibrating draft length ...", flush=True)
     rate = calibrate_blank(engine, segments[: max(4, batch)])
     print(f"draft tokens per second of audio: {rate:.2f}", flush=True)
-    engine.transcribe(segments[:batch])  # warm-up
     figures = {"draft_tokens_per_second": round(rate, 2)}
+    if args.compile:
+        engine = GraniteNarEngine(engine.model, engine.tokenizer, max_batch=batch, compiled=True)
+        print("compiling ...", flush=True)
+        longest = max(len(s.audio) for s in segments) / 16000
+        figures["compile_seconds"] = round(engine.runner.warm_up(longest, batch), 1)
+    engine.transcribe(segments[:batch])  # warm-up
     for call in ("draft", "transcribe"):
         figures[call] = timed(engine, call, segments, args.repeats or (3 if on_gpu else 1))
         print(
@@ -173,6 +182,7 @@ def main() -> None:
         "batch": batch,
         "segments": count,
         "durations_s": [args.min_s, args.max_s],
+        "runner": engine.runner.mode,
     }
     path = write_result("rtfx", figures, settings)
     print(json.dumps(figures))

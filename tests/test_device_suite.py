@@ -33,23 +33,41 @@ def test_cpu_smoke_writes_one_record_of_measured_figures(tmp_path, monkeypatch, 
         assert isinstance(tiny[part]["positions"], int) and tiny[part]["positions"] > 0
     assert "tiny config only" in figures["parity"]["full"]["skipped"]
 
-    eager = figures["rtfx"]["eager"]
-    assert list(eager) == [str(b) for b in device_suite.CPU_BATCHES]
-    for batch, entry in eager.items():
-        for call in ("draft", "transcribe"):
-            run = entry[call]
-            assert number(run["rtfx"]) and run["rtfx"] > 0
-            assert number(run["seconds"]) and run["seconds"] >= 0
-            expected_audio = int(batch) * device_suite.CPU_CLIP_S
-            assert run["audio_seconds"] == round(expected_audio, 1)
-            assert all(number(v) for v in run["split"].values())
-        assert entry["peak_memory_bytes"] is None and entry["peak_memory_gib"] is None
-    assert figures["rtfx"]["compiled"] == "not implemented yet"
+    for mode in ("eager", "compiled"):
+        entries = figures["rtfx"][mode]
+        assert list(entries) == [str(b) for b in device_suite.CPU_BATCHES]
+        for batch, entry in entries.items():
+            for call in ("draft", "transcribe"):
+                run = entry[call]
+                assert number(run["rtfx"]) and run["rtfx"] > 0
+                assert number(run["seconds"]) and run["seconds"] >= 0
+                expected_audio = int(batch) * device_suite.CPU_CLIP_S
+                assert run["audio_seconds"] == round(expected_audio, 1)
+                assert all(number(v) for v in run["split"].values())
+            assert entry["peak_memory_bytes"] is None and entry["peak_memory_gib"] is None
+    for entry in figures["rtfx"]["compiled"].values():  # fp32: the compiled runner is exact
+        assert entry["same_as_eager"]["segments_identical"] == 1.0
+    assert number(figures["rtfx"]["compile_seconds"]) and figures["rtfx"]["compile_seconds"] > 0
+    assert "skipped" in figures["rtfx"]["host_syncs_per_batch"]
+    assert figures["rtfx"]["graphs_compiled_after_warm_up"] == 0
     assert "skipped" in figures["load"]
     assert number(figures["suite_seconds"])
 
     out = capsys.readouterr().out
-    assert "[device_suite] batch    1:" in out and "written to" in out
+    assert "[device_suite]    eager batch    1:" in out and "written to" in out
+    assert "[device_suite] compiled batch   16:" in out
+
+
+def test_same_transcripts_counts_identical_segments_and_agreeing_tokens():
+    from engine.api import Hypothesis
+
+    def hyp(ids):
+        return Hypothesis(text="", token_ids=ids, words=[], confidence=0.0, duration_ms=0)
+
+    figures = device_suite.same_transcripts(
+        [hyp([1, 2]), hyp([3, 4, 5])], [hyp([1, 2]), hyp([3, 9])]
+    )
+    assert figures == {"segments_identical": 0.5, "token_agreement": 0.6}
 
 
 def test_agreement_counts_matching_positions():

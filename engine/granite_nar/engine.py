@@ -262,6 +262,6 @@ def load_engine(source: str, options: EngineOptions = DEFAULT_OPTIONS) -> Granit
         compiled=options.compile,
     )
     if options.compile:
-        seconds = engine.runner.warm_up(engine.window / TARGET_SAMPLE_RATE)
+        seconds = engine.runner.warm_up(engine.window / TARGET_SAMPLE_RATE, engine.max_batch)
         log.info("granite-nar compiled", extra={"seconds": round(seconds, 1)})
     return engine

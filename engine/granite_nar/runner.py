@@ -43,10 +43,11 @@ def bucket_frames(frames: int) -> int:
     return max(frames, round(length_bucket(frames / FRAMES_PER_SECOND) * FRAMES_PER_SECOND))
 
 
-def warm_up_lengths(longest_s: float) -> list[float]:
-    """One window length per length bucket, up to the bucket that holds `longest_s`."""
-    last = length_bucket(longest_s)
-    return [min(bound, longest_s) for bound in LENGTH_BUCKETS_S if bound <= last]
+def warm_up_lengths(longest_s: float, shortest_s: float = 0.0) -> list[float]:
+    """One window length per length bucket, from the bucket that holds `shortest_s` up to the
+    one that holds `longest_s`."""
+    first, last = length_bucket(shortest_s), length_bucket(longest_s)
+    return [min(bound, longest_s) for bound in LENGTH_BUCKETS_S if first <= bound <= last]
 
 
 @dataclass
@@ -80,24 +81,27 @@ class ModelRunner:
             self._call_block = torch.compile(call_block, dynamic=None)
             self._call_layer = torch.compile(call_editor_layer, dynamic=None)
 
-    def warm_up(self, longest_s: float) -> float:
-        """Compile before serving, so that no stream's first final waits for it: a batch of one
-        and of two windows in every length bucket up to `longest_s` (the engine's window).
-        Shapes differ in ways torch.compile specialises on (a batch of one, one attention block
-        or several, padding to a whole block or none), so each bucket gets its own graphs;
-        batch size and packed editor rows are symbolic after that. Returns the seconds it took
-        (0 when not compiled)."""
+    def warm_up(self, longest_s: float, largest_batch: int, shortest_s: float = 0.0) -> float:
+        """Compile before serving, so that no stream's first final waits for it: batches of one,
+        two and `largest_batch` windows in every length bucket from `shortest_s` up to
+        `longest_s` (the engine's window). Shapes differ in ways torch.compile specialises on
+        (a batch of one, one attention block or several, padding to a whole block or none,
+        kernels picked by batch size), so each bucket gets its own graphs; batch size and packed
+        editor rows are symbolic after that. Returns the seconds it took (0 when not
+        compiled)."""
         if self.mode != "compiled":
             return 0.0
         start = time.perf_counter()
         rng = np.random.default_rng(0)
         blank, slots = self.model.cfg.blank_token_id, self.model.cfg.min_edit_sequence_length
-        for seconds in warm_up_lengths(longest_s):
-            for count in (1, 2):
+        for seconds in warm_up_lengths(longest_s, shortest_s):
+            for count in sorted({1, 2, largest_batch}):
                 waves = [0.1 * rng.standard_normal(int(seconds * 16000), np.float32)] * count
                 self.encode(waves, with_taps=False)
                 batch = self.encode(waves, with_taps=True)
                 self.edit(batch, list(range(count)), [[blank] * slots] * count)
+            # long slot lists: packed editor rows over several FlexAttention blocks
+            self.edit(batch, [0, 1], [[blank] * FLEX_BLOCK * 2] * 2)
         return time.perf_counter() - start
 
     @torch.inference_mode()
