@@ -66,6 +66,39 @@ def test_flex_attention_over_packed_rows_equals_the_padded_reference(lengths, se
     torch.testing.assert_close(flex(q, k, v, 0.3)[:total], reference, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(1, 30)), min_size=1, max_size=6),
+    st.integers(0, 5),
+    st.sampled_from([1, 8, FLEX_BLOCK]),
+)
+def test_edit_plan_packs_each_sample_as_its_audio_then_its_slots(samples, spare, pad_to):
+    """Rows gathered by the plan from [audio rows ; slot rows] are, sample by sample, its own
+    audio rows in order then its slots; positions restart per sample; text rows point at the
+    slots; padding rows form a document of their own."""
+    width = max(a for a, _ in samples) + spare  # audio rows per sample in the batch tensor
+    starts = [i * width for i in range(len(samples))]
+    slots = [[1000 * i + j for j in range(n)] for i, (_, n) in enumerate(samples)]
+    audio_total = width * len(samples)
+    plan = EditPlan.build([a for a, _ in samples], starts, audio_total, slots, pad_to)
+    labels = [("audio", i, r) for i in range(len(samples)) for r in range(width)]
+    labels += [("slot", i, j) for i, (_, n) in enumerate(samples) for j in range(n)]
+    packed = [labels[g] for g in plan.gather]
+    expected, documents = [], []
+    for i, (a, n) in enumerate(samples):
+        expected += [("audio", i, r) for r in range(a)] + [("slot", i, j) for j in range(n)]
+        documents += [i] * (a + n)
+    total = len(expected)
+    assert packed[:total] == expected and len(packed) % pad_to == 0
+    assert len(packed) - total < pad_to
+    assert plan.documents.tolist() == documents + [len(samples)] * (len(packed) - total)
+    assert [packed[r] for r in plan.text_rows] == [
+        ("slot", i, j) for i, (_, n) in enumerate(samples) for j in range(n)
+    ]
+    assert plan.slot_ids.tolist() == [t for s in slots for t in s]
+    assert plan.position[:total].tolist() == [p for a, n in samples for p in range(a + n)]
+
+
 def test_block_layout_skips_blocks_that_share_no_document():
     documents = np.repeat([0, 1, 2], [FLEX_BLOCK * 2, FLEX_BLOCK, FLEX_BLOCK // 2])
     documents = np.concatenate([documents, np.full(FLEX_BLOCK // 2, 3)])
@@ -108,17 +141,20 @@ def test_without_bucket_padding_the_encoder_is_unchanged(tiny_engine):
     torch.testing.assert_close(masked.hidden, plain.hidden)
 
 
-def test_bucketed_engine_gives_the_eager_transcripts(tiny_engine):
-    engine = engine_in(tiny_engine, "bucketed")
-    for batch in BATCHES:
-        segments = [Segment(noise(s, i + 10)) for i, s in enumerate(batch)]
+def assert_same_transcripts(engine, reference, batches, seed: int) -> None:
+    """`draft` and `transcribe` of every batch: the same tokens, text and words as `reference`."""
+    for batch in batches:
+        segments = [Segment(noise(s, i + seed)) for i, s in enumerate(batch)]
         for call in ("draft", "transcribe"):
-            mine = getattr(engine, call)(segments)
-            reference = getattr(tiny_engine, call)(segments)
-            for a, b in zip(mine, reference, strict=True):
+            mine, expected = (getattr(e, call)(segments) for e in (engine, reference))
+            for a, b in zip(mine, expected, strict=True):
                 assert a.token_ids == b.token_ids and a.text == b.text
                 assert [w.word for w in a.words] == [w.word for w in b.words]
                 assert a.confidence == pytest.approx(b.confidence, rel=1e-4)
+
+
+def test_bucketed_engine_gives_the_eager_transcripts(tiny_engine):
+    assert_same_transcripts(engine_in(tiny_engine, "bucketed"), tiny_engine, BATCHES, seed=10)
 
 
 def test_bucketed_bf16_agrees_with_eager_bf16(tiny_checkpoint):
@@ -163,11 +199,6 @@ def test_compiled_engine_is_argmax_identical_and_compiles_once_per_shape_family(
     the warm-up at load, no length, bucket or batch size compiles anything new."""
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0
-    for batch in [*BATCHES, [4.5, 6.1, 9.7], [12.0], [1.05, 1.33, 1.66, 1.99, 1.5]]:
-        segments = [Segment(noise(s, i + 20)) for i, s in enumerate(batch)]
-        for call in ("draft", "transcribe"):
-            mine = getattr(compiled_engine, call)(segments)
-            reference = getattr(tiny_engine, call)(segments)
-            for a, b in zip(mine, reference, strict=True):
-                assert a.token_ids == b.token_ids and a.text == b.text
+    batches = [*BATCHES, [4.5, 6.1, 9.7], [12.0], [1.05, 1.33, 1.66, 1.99, 1.5]]
+    assert_same_transcripts(compiled_engine, tiny_engine, batches, seed=20)
     assert counters["stats"]["unique_graphs"] == graphs
