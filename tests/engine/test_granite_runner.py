@@ -3,12 +3,16 @@ over packed rows and torch.compile must give what the eager reference gives."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.utils import counters
+from websockets.asyncio.client import connect
 
 from engine.api import EngineOptions, Segment
 from engine.granite_nar.editor import (
@@ -21,8 +25,10 @@ from engine.granite_nar.engine import GraniteNarEngine, load_engine
 from engine.granite_nar.model import EditPlan, copy_once
 from engine.granite_nar.runner import ModelRunner, bucket_frames
 from streaming.ops.config import load_config
+from tests.gateway_harness import collect, gateway_config, running
+from tests.streams import chunks, joined, librivox_clips, to_s16le
 
-RATE = 16000
+RATE = 16000  # tests.streams' rate too
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
@@ -202,3 +208,22 @@ def test_compiled_engine_is_argmax_identical_and_compiles_once_per_shape_family(
     batches = [*BATCHES, [4.5, 6.1, 9.7], [12.0], [1.05, 1.33, 1.66, 1.99, 1.5]]
     assert_same_transcripts(compiled_engine, tiny_engine, batches, seed=20)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_compiled_engine_serves_streams_with_the_eager_finals(compiled_engine, tiny_engine):
+    """Real speech through the running server, one stream at a time (so each final is its own
+    batch): the compiled engine's finals are the eager engine's."""
+    speech = joined([audio for _, audio, _ in librivox_clips()[:2]], silence_s=1.5)
+
+    async def stream(engine) -> list[dict]:
+        async with running(gateway_config(), engine) as gateway:
+            async with connect(f"ws://127.0.0.1:{gateway.port}/v1/stream") as ws:
+                for chunk in chunks(to_s16le(speech), RATE * 2 // 10):
+                    await ws.send(chunk)
+                    await asyncio.sleep(0.02)
+                await ws.send(json.dumps({"type": "close"}))
+                messages = await collect(ws)
+        return [(m["text"], m["start_ms"]) for m in messages if m["type"] == "transcript.final"]
+
+    compiled, eager = (asyncio.run(stream(e)) for e in (compiled_engine, tiny_engine))
+    assert len(compiled) >= 2 and compiled == eager
