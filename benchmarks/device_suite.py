@@ -185,6 +185,8 @@ def rtfx_suite(engine, batches: tuple[int, ...], seconds: float, on_gpu: bool) -
         out["compiled"][str(batch)] = entry
         report("compiled", batch, entry, start)
     out["graphs_compiled_after_warm_up"] = counters["stats"]["unique_graphs"] - graphs
+    out["graphs_total"] = counters["stats"]["unique_graphs"]
+    out["eager_fallbacks"] = counters["frames"]["total"] - counters["frames"]["ok"]
     out["host_syncs_per_batch"] = host_syncs(engine, compiled, segments[: min(batches[-1], 32)])
     return out
 

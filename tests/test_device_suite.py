@@ -50,6 +50,7 @@ def test_cpu_smoke_writes_one_record_of_measured_figures(tmp_path, monkeypatch, 
     assert number(figures["rtfx"]["compile_seconds"]) and figures["rtfx"]["compile_seconds"] > 0
     assert "skipped" in figures["rtfx"]["host_syncs_per_batch"]
     assert figures["rtfx"]["graphs_compiled_after_warm_up"] == 0
+    assert figures["rtfx"]["eager_fallbacks"] == 0 and figures["rtfx"]["graphs_total"] > 0
     assert "skipped" in figures["load"]
     assert number(figures["suite_seconds"])
 

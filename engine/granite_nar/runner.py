@@ -36,6 +36,7 @@ from .encoder import EncoderOutput, call_layer
 from .model import EditPlan, EditTensors, GraniteSpeechNar, copy_once
 
 FRAMES_PER_SECOND = 16000 // SAMPLES_PER_FEATURE
+GRAPHS_PER_FUNCTION = 64
 
 
 def bucket_frames(frames: int) -> int:
@@ -76,6 +77,10 @@ class ModelRunner:
         self.device = model.device
         self._call_block = self._call_layer = call_layer
         if mode == "compiled":
+            # buckets x batch classes x block-count classes pass dynamo's default of 8 graphs
+            # per function, past which it silently runs eagerly
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, GRAPHS_PER_FUNCTION)
             # one compiled function per stack: dynamo keeps its graphs (and learns which sizes
             # vary) per function, and encoder blocks and editor layers share no shapes
             self._call_block = torch.compile(call_block, dynamic=None)

@@ -208,6 +208,8 @@ def test_compiled_engine_is_argmax_identical_and_compiles_once_per_shape_family(
     batches = [*BATCHES, [4.5, 6.1, 9.7], [12.0], [1.05, 1.33, 1.66, 1.99, 1.5]]
     assert_same_transcripts(compiled_engine, tiny_engine, batches, seed=20)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["frames"]["total"] == counters["frames"]["ok"]  # no eager fallback
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"])
 
 
 def test_the_compiled_engine_serves_streams_with_the_eager_finals(compiled_engine, tiny_engine):
