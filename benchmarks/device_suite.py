@@ -16,6 +16,7 @@ One command that on a GPU finishes in minutes and writes one record (benchmarks/
 
     python -m benchmarks.device_suite              # GPU: full suite; no CUDA: CPU smoke
     python -m benchmarks.device_suite --cpu-smoke  # reduced size on CPU, well under a minute
+    python -m benchmarks.device_suite --batches 1,32,128 --skip-load   # a shorter GPU run
 """
 
 from __future__ import annotations
@@ -270,7 +271,13 @@ def load_benchmark(folder: Path, streams: str, seconds: float, timeout_s: float)
 # --- the suite --------------------------------------------------------------------------------
 
 
-def run_suite(cpu_smoke: bool, load_streams: str, load_seconds: float, skip_load: bool) -> dict:
+def run_suite(
+    cpu_smoke: bool,
+    load_streams: str,
+    load_seconds: float,
+    skip_load: bool,
+    batches: tuple[int, ...] | None = None,
+) -> dict:
     on_gpu = torch.cuda.is_available() and not cpu_smoke
     device = torch.device("cuda" if on_gpu else "cpu")
     started = time.perf_counter()
@@ -297,7 +304,7 @@ def run_suite(cpu_smoke: bool, load_streams: str, load_seconds: float, skip_load
             engine.model.to(torch.bfloat16)
             torch.cuda.empty_cache()
             progress("RTFx, full size bf16 eager ...")
-            figures["rtfx"] = rtfx_suite(engine, GPU_BATCHES, GPU_CLIP_S, on_gpu)
+            figures["rtfx"] = rtfx_suite(engine, batches or GPU_BATCHES, GPU_CLIP_S, on_gpu)
             figures["rtfx"]["model"] = "full-size random weights, bfloat16"
         else:
             figures["parity"]["full"] = {
@@ -307,7 +314,7 @@ def run_suite(cpu_smoke: bool, load_streams: str, load_seconds: float, skip_load
                 str(tiny), granite_nar_model=str(tiny), device="cpu", dtype="float32"
             )
             progress("RTFx, tiny weights fp32 eager on CPU ...")
-            figures["rtfx"] = rtfx_suite(engine, CPU_BATCHES, CPU_CLIP_S, on_gpu)
+            figures["rtfx"] = rtfx_suite(engine, batches or CPU_BATCHES, CPU_CLIP_S, on_gpu)
             figures["rtfx"]["model"] = "tiny random weights, float32 (CPU smoke)"
 
         if not on_gpu:
@@ -337,18 +344,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-streams", default=LOAD_STREAMS, help="stream_load --streams")
     parser.add_argument("--load-seconds", type=float, default=LOAD_SECONDS)
     parser.add_argument("--skip-load", action="store_true", help="leave out stream_load")
+    parser.add_argument(
+        "--batches",
+        type=batch_sizes,
+        default=None,
+        help="RTFx batch sizes, comma-separated (default 1,32,128,512 on a GPU, 1,4,16 on CPU)",
+    )
     return parser.parse_args(argv)
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive whole numbers, comma-separated")
+    return tuple(sorted(set(sizes)))
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cpu_smoke = args.cpu_smoke or not torch.cuda.is_available()
-    figures = run_suite(cpu_smoke, args.load_streams, args.load_seconds, args.skip_load)
+    figures = run_suite(
+        cpu_smoke, args.load_streams, args.load_seconds, args.skip_load, args.batches
+    )
+    default = CPU_BATCHES if cpu_smoke else GPU_BATCHES
     settings = {
         "mode": "cpu-smoke" if cpu_smoke else "gpu",
         "device": "cpu" if cpu_smoke else "cuda",
         "parity_dtypes": ["float32", "bfloat16"],
-        "rtfx_batches": list(CPU_BATCHES if cpu_smoke else GPU_BATCHES),
+        "rtfx_batches": list(args.batches or default),
         "rtfx_dtype": "float32" if cpu_smoke else "bfloat16",
         "sizes": ["tiny"] if cpu_smoke else ["tiny", "full"],
         "full_config": None

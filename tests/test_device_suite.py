@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from benchmarks import device_suite, results
@@ -17,7 +18,7 @@ def number(value) -> bool:
 
 def test_cpu_smoke_writes_one_record_of_measured_figures(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
-    path = device_suite.main(["--cpu-smoke"])
+    path = device_suite.main(["--cpu-smoke", "--batches", "16,1,4"])
 
     assert path.parent == tmp_path and [p.name for p in tmp_path.iterdir()] == [path.name]
     record = json.loads(path.read_text())
@@ -25,6 +26,7 @@ def test_cpu_smoke_writes_one_record_of_measured_figures(tmp_path, monkeypatch, 
     assert {"date", "commit", "machine", "settings", "figures"} <= record.keys()
     assert record["settings"]["mode"] == "cpu-smoke"
     assert record["settings"]["sizes"] == ["tiny"]
+    assert record["settings"]["rtfx_batches"] == [1, 4, 16]
     figures = record["figures"]
 
     tiny = figures["parity"]["tiny"]
@@ -69,6 +71,14 @@ def test_same_transcripts_counts_identical_segments_and_agreeing_tokens():
         [hyp([1, 2]), hyp([3, 4, 5])], [hyp([1, 2]), hyp([3, 9])]
     )
     assert figures == {"segments_identical": 0.5, "token_agreement": 0.6}
+
+
+def test_batches_must_be_positive_whole_numbers(capsys):
+    assert device_suite.parse_args(["--batches", "32,1,32"]).batches == (1, 32)
+    for bad in ("0,4", "a", ""):
+        with pytest.raises(SystemExit):
+            device_suite.parse_args(["--batches", bad])
+    assert "positive whole numbers" in capsys.readouterr().err
 
 
 def test_agreement_counts_matching_positions():
