@@ -18,6 +18,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .config import TextConfig
 from .encoder import LayerCall, call_layer
+from .transfer import copy_once
 
 # q [N, H, d], k and v [N, KV, d], scale -> [N, H, d], each sample attending to itself only
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -47,15 +48,28 @@ class PaddedAttention:
     Its cost grows with the sum of squared sample lengths, never with the square of the packed
     length, but it scatters and gathers every layer's q, k, v and output."""
 
-    def __init__(self, lengths: Sequence[int], device: torch.device) -> None:
+    def __init__(self, lengths: Sequence[int], layout: dict[str, torch.Tensor]) -> None:
+        """`layout`: `PaddedAttention.layout(lengths)` on the device."""
         self.lengths = tuple(lengths)
-        sample = np.repeat(np.arange(len(lengths)), lengths)
-        index = torch.from_numpy(np.stack([sample, packed_positions(lengths)])).to(device)
-        self.sample_index, self.position = index[0], index[1]
-        width = max(lengths)
-        keys = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
-        uniform = len(set(lengths)) == 1
-        self.key_mask = None if uniform else torch.from_numpy(keys)[:, None, None, :].to(device)
+        self.sample_index, self.position = layout["sample_index"], layout["sample_position"]
+        mask = layout.get("key_mask")
+        self.key_mask = None if mask is None else mask.bool()[:, None, None, :]
+
+    @staticmethod
+    def layout(lengths: Sequence[int]) -> dict[str, np.ndarray]:
+        """Where each packed row sits in the padded view (and which keys exist, unless all
+        samples are as long), computed on the host."""
+        out = {
+            "sample_index": np.repeat(np.arange(len(lengths)), lengths),
+            "sample_position": packed_positions(lengths),
+        }
+        if len(set(lengths)) > 1:
+            out["key_mask"] = np.arange(max(lengths))[None, :] < np.asarray(lengths)[:, None]
+        return out
+
+    @classmethod
+    def on(cls, lengths: Sequence[int], device: torch.device) -> PaddedAttention:
+        return cls(lengths, copy_once(cls.layout(lengths), device))
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, Lmax, ...]"""
@@ -224,7 +238,7 @@ class GraniteEditor(nn.Module):
     def forward(self, embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Packed input embeddings [N, D] (before the x embedding_multiplier) -> final hidden,
         with the reference attention."""
-        attend = PaddedAttention(lengths, embeds.device)
+        attend = PaddedAttention.on(lengths, embeds.device)
         return self.run(embeds, attend.position, attend)
 
     def run(

@@ -19,6 +19,7 @@ from .config import NarConfig
 from .editor import Attend, GraniteEditor, PaddedAttention, packed_positions
 from .encoder import ConformerEncoder, EncoderOutput, LayerCall, call_layer
 from .projector import WindowedQFormerProjector
+from .transfer import copy_once
 
 
 @dataclass
@@ -120,9 +121,10 @@ class GraniteSpeechNar(nn.Module):
         starts = np.cumsum([0, *counts[:-1]]).tolist()
         slot_lists = [s.tolist() for s in slots]
         plan = EditPlan.build(counts, starts, sum(counts), slot_lists, pad_to=1)
-        on_device = copy_once(plan.arrays(), self.device)
-        tensors = EditTensors(*(on_device[name] for name in EditTensors.fields()))
-        attend = PaddedAttention(plan.lengths, self.device)
+        arrays = plan.arrays() | PaddedAttention.layout(plan.lengths)
+        on_device = copy_once(arrays, self.device)
+        tensors = EditTensors(*(on_device.pop(name) for name in EditTensors.fields()))
+        attend = PaddedAttention(plan.lengths, on_device)
         ids, probs = self.edit_packed(torch.cat(audio), tensors, attend)
         sizes = [len(s) for s in slots]
         return [
@@ -190,20 +192,5 @@ class EditPlan:
         return cls(lengths, gather, position, text_rows, slot_ids, documents)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays the device needs, by `EditTensors` field name, plus the document ids."""
-        return {name: getattr(self, name) for name in (*EditTensors.fields(), "documents")}
-
-
-def copy_once(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Integer arrays to `device` as one int64 buffer copied once (from pinned memory and
-    without waiting, on a GPU), then cut into views."""
-    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays.values()]).astype(np.int64))
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
-    out, start = {}, 0
-    for name, array in arrays.items():
-        out[name] = flat[start : start + array.size].view(array.shape)
-        start += array.size
-    return out
+        """The arrays the device needs, by `EditTensors` field name."""
+        return {name: getattr(self, name) for name in EditTensors.fields()}

@@ -33,7 +33,8 @@ from ..api import LENGTH_BUCKETS_S, length_bucket
 from ..features import SAMPLES_PER_FEATURE, nar_batch
 from .editor import FLEX_BLOCK, FlexPackedAttention, PaddedAttention, document_blocks
 from .encoder import EncoderOutput, call_layer
-from .model import EditPlan, EditTensors, GraniteSpeechNar, copy_once
+from .model import EditPlan, EditTensors, GraniteSpeechNar
+from .transfer import copy_once
 
 FRAMES_PER_SECOND = 16000 // SAMPLES_PER_FEATURE
 GRAPHS_PER_FUNCTION = 64
@@ -144,15 +145,16 @@ class ModelRunner:
             slots,
             FLEX_BLOCK if self.bucketed else 1,
         )
-        arrays = plan.arrays()
         if self.bucketed:
-            arrays |= document_blocks(plan.documents)
-        on_device = copy_once(arrays, self.device)
+            layout = {"documents": plan.documents} | document_blocks(plan.documents)
+        else:
+            layout = PaddedAttention.layout(plan.lengths)
+        on_device = copy_once(plan.arrays() | layout, self.device)  # the stage's one copy in
         tensors = EditTensors(*(on_device.pop(name) for name in EditTensors.fields()))
         if self.bucketed:
             attend = FlexPackedAttention(on_device.pop("documents"), on_device)
         else:
-            attend = PaddedAttention(plan.lengths, self.device)
+            attend = PaddedAttention(plan.lengths, on_device)
         out = self._project_and_edit(batch.encoded, tensors, attend).cpu().numpy()  # one copy back
         counts = np.cumsum([len(s) for s in slots])[:-1]
         return list(

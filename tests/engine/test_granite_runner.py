@@ -22,8 +22,9 @@ from engine.granite_nar.editor import (
     document_blocks,
 )
 from engine.granite_nar.engine import GraniteNarEngine, load_engine
-from engine.granite_nar.model import EditPlan, copy_once
+from engine.granite_nar.model import EditPlan
 from engine.granite_nar.runner import ModelRunner, bucket_frames
+from engine.granite_nar.transfer import copy_once
 from streaming.ops.config import load_config
 from tests.gateway_harness import collect, gateway_config, running
 from tests.streams import chunks, joined, librivox_clips, to_s16le
@@ -68,7 +69,9 @@ def test_flex_attention_over_packed_rows_equals_the_padded_reference(lengths, se
     flex = FlexPackedAttention(torch.from_numpy(plan.documents), blocks)
     rows = len(plan.documents)
     q, k, v = torch.randn(rows, 4, 8), torch.randn(rows, 2, 8), torch.randn(rows, 2, 8)
-    reference = PaddedAttention(lengths, torch.device("cpu"))(q[:total], k[:total], v[:total], 0.3)
+    reference = PaddedAttention.on(lengths, torch.device("cpu"))(
+        q[:total], k[:total], v[:total], 0.3
+    )
     torch.testing.assert_close(flex(q, k, v, 0.3)[:total], reference, atol=1e-5, rtol=1e-5)
 
 
