@@ -4,12 +4,14 @@ With `ctc_confidence_skip` > 0, `transcribe` routes each window whose CTC draft 
 (`draft_confidence`) reaches it past the projector and editor: its result is the CTC draft, as
 `draft` gives it (spec §8, the TURBO repo's CTC-first adaptive routing, reduced to one knob).
 
-Turns segments into model batches (length-sorted, long audio cut into windows that fit the
-editor's position limit) and model outputs into text, timed words and confidences.
+Turns segments into model batches (length-sorted, one length bucket per batch, long audio cut
+into windows that fit the editor's position limit) and model outputs into text, timed words and
+confidences.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -30,6 +32,7 @@ from ..api import (
     ModelLoadError,
     Segment,
     Word,
+    length_bucket,
 )
 from ..audio import prepare_waveform
 from .checkpoint import CheckpointError, load_model, resolve_source
@@ -145,9 +148,7 @@ class GraniteNarEngine:
             plans.append(plan)
             pieces += [(index, a, b) for a, b in plan]
         results: dict[tuple[int, int, int], list[tuple[Word, list[int]]]] = {}
-        order = sorted(pieces, key=lambda p: p[2] - p[1])
-        for start in range(0, len(order), self.max_batch):
-            batch = order[start : start + self.max_batch]
+        for batch in bucket_batches(pieces, self.max_batch):
             words = self._run_batch([waves[i][a:b] for i, a, b in batch], edit)
             results.update(zip(batch, words, strict=True))
         hypotheses = []
@@ -216,6 +217,23 @@ class GraniteNarEngine:
             confidence=confidence,
             duration_ms=n_samples * 1000 // TARGET_SAMPLE_RATE,
         )
+
+
+def bucket_batches(
+    pieces: list[tuple[int, int, int]], max_batch: int
+) -> list[list[tuple[int, int, int]]]:
+    """Windows (segment, start, end) sorted by length and cut into model batches of one length
+    bucket each (`length_bucket`, as the scheduler's partial batches), at most `max_batch` long:
+    a short window is never padded to a much longer one's length, which the encoder would pay
+    for in every frame (the editor's packed rows do not pad)."""
+    order = sorted(pieces, key=lambda p: p[2] - p[1])
+    batches: list[list[tuple[int, int, int]]] = []
+    for _, group in itertools.groupby(
+        order, key=lambda p: length_bucket((p[2] - p[1]) / TARGET_SAMPLE_RATE)
+    ):
+        group = list(group)
+        batches += [group[i : i + max_batch] for i in range(0, len(group), max_batch)]
+    return batches
 
 
 def pick_device(device: str) -> torch.device:

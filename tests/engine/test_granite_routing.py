@@ -32,7 +32,7 @@ def routed_engine(tiny_engine: GraniteNarEngine, threshold: float) -> GraniteNar
 
 @pytest.fixture
 def editor_calls(tiny_engine, monkeypatch):
-    """Segment count of each editor call (the model is shared, so any engine on it counts)."""
+    """Windows in each editor call (the model is shared, so any engine on it counts)."""
     calls: list[int] = []
     edit = ModelRunner.edit
 
@@ -54,18 +54,19 @@ def test_off_by_default_and_zero_is_bit_identical(tiny_engine, editor_calls):
     assert tiny_engine.ctc_confidence_skip == 0.0
     expected = tiny_engine.transcribe(SEGMENTS)
     assert routed_engine(tiny_engine, 0.0).transcribe(SEGMENTS) == expected
-    assert editor_calls == [len(SEGMENTS), len(SEGMENTS)]
+    assert sum(editor_calls) == 2 * len(SEGMENTS)
 
 
 def test_a_threshold_above_any_confidence_is_the_editor_path(tiny_engine, editor_calls):
     expected = tiny_engine.transcribe(SEGMENTS)
     assert routed_engine(tiny_engine, 1.01).transcribe(SEGMENTS) == expected
-    assert editor_calls == [len(SEGMENTS), len(SEGMENTS)]
+    assert sum(editor_calls) == 2 * len(SEGMENTS)
 
 
 def confidences(tiny_engine, monkeypatch) -> list[float]:
     """Each segment's draft confidence as the engine computes it in the batch of all SEGMENTS
-    (padding to the longest changes the encoder output a little, so not one segment per call).
+    (each batch holds one length bucket; padding to its longest changes the encoder output a
+    little, so not one segment per call).
     The engine runs a batch shortest first; SEGMENTS are in that order already."""
     seen: list[float] = []
 
@@ -95,7 +96,7 @@ def test_a_threshold_between_confidences_routes_some(tiny_engine, editor_calls, 
     editor_calls.clear()
     out = routed_engine(tiny_engine, threshold).transcribe(SEGMENTS)
 
-    assert editor_calls == [routed.count(False)]
+    assert sum(editor_calls) == routed.count(False)
     for hyp, draft, full, skip in zip(out, drafts, edited, routed, strict=True):
         expected = draft if skip else full
         assert hyp.text == expected.text and hyp.token_ids == expected.token_ids

@@ -21,7 +21,7 @@ from engine.granite_nar.editor import (
     PaddedAttention,
     document_blocks,
 )
-from engine.granite_nar.engine import GraniteNarEngine, load_engine
+from engine.granite_nar.engine import GraniteNarEngine, bucket_batches, load_engine
 from engine.granite_nar.model import EditPlan
 from engine.granite_nar.runner import ModelRunner, bucket_frames
 from engine.granite_nar.transfer import copy_once
@@ -247,3 +247,26 @@ def test_the_compiled_engine_serves_streams_with_the_eager_finals(compiled_engin
 
     compiled, eager = (asyncio.run(stream(e)) for e in (compiled_engine, tiny_engine))
     assert len(compiled) >= 2 and compiled == eager
+
+
+def test_batches_hold_one_length_bucket_each():
+    pieces = [(0, 0, 30 * RATE), (1, 0, RATE // 2), (2, 0, 3 * RATE), (3, 0, RATE), (4, 0, 40)]
+    batches = bucket_batches(pieces, max_batch=2)
+    assert batches == [
+        [(4, 0, 40), (1, 0, RATE // 2)],
+        [(3, 0, RATE)],
+        [(2, 0, 3 * RATE)],
+        [(0, 0, 30 * RATE)],
+    ]
+    many = [(i, 0, RATE + 100 + i) for i in range(5)]  # all in the 2 s bucket
+    assert bucket_batches(many, max_batch=2) == [many[:2], many[2:4], many[4:]]
+
+
+def test_a_short_window_is_not_padded_to_a_long_one(tiny_engine):
+    """Batched with a 9 s segment, a 1 s segment gets exactly what it gets alone (one bucket per
+    model batch); in one padded batch its encoder would see 8 s of padding."""
+    short, long = Segment(noise(1.0, 1)), Segment(noise(9.0, 2))
+    for call in ("draft", "transcribe"):
+        together = getattr(tiny_engine, call)([long, short])
+        assert together[1] == getattr(tiny_engine, call)([short])[0]
+        assert together[0] == getattr(tiny_engine, call)([long])[0]
