@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import json
+import logging
+import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from engine.api import Hypothesis, Word
-from streaming.ops.config import Config
+from streaming.ops.config import Config, LoggingConfig
+from streaming.ops.logs import setup_logging
 from streaming.server import Gateway
 
 
@@ -123,3 +128,21 @@ async def subscribe(gw, call_id: str, **connect_options):
         while len(getattr(gw.calls.calls.get(call_id), "subscribers", ())) < 1:
             await asyncio.sleep(0.01)
     return ws
+
+
+@contextlib.contextmanager
+def debug_logs(monkeypatch) -> Iterator[io.StringIO]:
+    """The server's text logs at debug level, written to the yielded buffer; the root logger's
+    handlers and level are restored afterwards."""
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    setup_logging(LoggingConfig(level="debug", format="text"))
+    try:
+        yield stderr
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)

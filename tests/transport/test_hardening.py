@@ -9,10 +9,8 @@ import base64
 import dataclasses
 import io
 import json
-import logging
 import os
 import socket
-import sys
 import time
 
 import aiohttp
@@ -23,9 +21,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 
-from streaming.ops.config import LoggingConfig
-from streaming.ops.logs import setup_logging
-from tests.gateway_harness import EchoEngine, gateway_config, http_get, running, subscribe
+from tests.gateway_harness import (
+    EchoEngine,
+    debug_logs,
+    gateway_config,
+    http_get,
+    running,
+    subscribe,
+)
 from tests.streams import RATE, joined, librivox_clips, to_s16le
 
 
@@ -142,12 +145,6 @@ def test_rest_port_takes_the_key_as_the_main_port_does():
 
 
 def test_keys_never_reach_the_debug_logs(monkeypatch):
-    stderr = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stderr)
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    setup_logging(LoggingConfig(level="debug", format="text"))
-
     async def main():
         async with running(gateway_config(api_keys="s3cret-key"), EchoEngine()) as gw:
             base = f"ws://127.0.0.1:{gw.port}/v1/stream"
@@ -163,13 +160,8 @@ def test_keys_never_reach_the_debug_logs(monkeypatch):
                 async with session.post(url, data=b"x", headers=headers) as response:
                     await response.read()
 
-    try:
+    with debug_logs(monkeypatch) as stderr:
         asyncio.run(main())
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
     logged = stderr.getvalue()
     assert "GET /v1/stream" in logged  # the request lines were logged ...
     assert "s3cret-key" not in logged  # ... without the key

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
-import sys
 import time
 
 import aiohttp
@@ -18,11 +16,17 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from streaming.ops.config import ConfigError, LoggingConfig
-from streaming.ops.logs import setup_logging
+from streaming.ops.config import ConfigError
 from streaming.server import Gateway
 from tests.clients.test_cli_command import streamscribe
-from tests.gateway_harness import EchoEngine, gateway_config, http_get, read_all, running
+from tests.gateway_harness import (
+    EchoEngine,
+    debug_logs,
+    gateway_config,
+    http_get,
+    read_all,
+    running,
+)
 from tests.streams import RATE, chunks, to_s16le
 
 KEY = "k1-secret"
@@ -296,12 +300,6 @@ def test_client_config_is_open_and_tells_the_rest_port():
 
 
 def test_tokens_never_reach_the_debug_logs(monkeypatch):
-    stderr = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stderr)
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    setup_logging(LoggingConfig(level="debug", format="text"))
-
     async def main():
         async with running(gateway_config(api_keys=KEY), EchoEngine()) as gw:
             token = await token_for(gw)
@@ -312,13 +310,8 @@ def test_tokens_never_reach_the_debug_logs(monkeypatch):
             await upload(gw, f"?token={token}")
         return token
 
-    try:
+    with debug_logs(monkeypatch) as stderr:
         token = asyncio.run(main())
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
     logged = stderr.getvalue()
     assert "GET /v1/stream" in logged and "Sec-WebSocket-Protocol" in logged
     assert token.split(".")[1] not in logged and KEY not in logged
