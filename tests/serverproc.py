@@ -23,6 +23,8 @@ import yaml
 from tests.fuzzing import ErrorLog
 
 REPO = Path(__file__).resolve().parents[1]
+# `streamscribe serve` as the tests run it: from the checkout, logging JSON records at info
+SERVE = [sys.executable, "-m", "streaming", "--log-level", "info", "serve"]
 
 
 def free_port() -> int:
@@ -100,16 +102,7 @@ def start(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSCRIBE_")}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streaming",
-            "--log-level",
-            "info",
-            "serve",
-            "--config",
-            str(config),
-        ],
+        [*SERVE, "--config", str(config)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -9,26 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from websockets.asyncio.client import connect
 
 from tests.gateway_harness import collect, http_get
+from tests.serverproc import REPO, SERVE
 from tests.streams import RATE, chunks, librivox_clips, to_s16le
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
     """The server process and its "listening" log record (port, event loop, ...)."""
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "streaming",
-            "--log-level",
-            "info",
-            "serve",
+            *SERVE,
             "--host",
             "127.0.0.1",
             "--port",
