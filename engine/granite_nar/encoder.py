@@ -3,10 +3,10 @@
 Spec §2. Frames beyond a clip's length (batch padding) are attended and convolved like real
 frames, exactly as the reference does; only the padding up to a multiple of the attention block
 is masked. A batch padded further, to a fixed bucket of frames so that compiled shapes repeat,
-passes `valid` (the batch's real frame count, a 0-d tensor so that it never specialises a
-compiled graph): frames from there on are masked as keys, zeroed before each convolution, weigh
-nothing in the BPE pooling and are zero rows for the projector, so every earlier frame comes out
-exactly as without the extra padding.
+passes `valid` (the batch's real frame count; the blocks see it as the [T] mask `frame_ok`, so
+it never specialises a compiled block): frames from there on are masked as keys, zeroed before
+each convolution, weigh nothing in the BPE pooling and are zero rows for the projector, so
+every earlier frame comes out exactly as without the extra padding.
 """
 
 from __future__ import annotations

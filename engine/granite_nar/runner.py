@@ -59,8 +59,8 @@ class EncodedBatch:
     encoded: EncoderOutput
     lengths: list[int]  # encoder frames of each window
     frames: int  # padded frame count of the batch (a bucket when compiled)
-    ctc_ids: list[np.ndarray]  # [ceil(L_i/4)] tokenizer ids per window (blank included)
-    ctc_probs: list[np.ndarray]
+    ctc_ids: list[list[int]]  # ceil(L_i/4) tokenizer ids per window (blank included)
+    ctc_probs: list[list[float]]
 
 
 class ModelRunner:
@@ -126,14 +126,14 @@ class ModelRunner:
             encoded,
             lengths,
             frames,
-            [ids[i, :c].astype(np.int64) for i, c in enumerate(counts)],
-            [probs[i, :c] for i, c in enumerate(counts)],
+            [ids[i, :c].astype(np.int64).tolist() for i, c in enumerate(counts)],
+            [probs[i, :c].tolist() for i, c in enumerate(counts)],
         )
 
     @torch.inference_mode()
     def edit(
         self, batch: EncodedBatch, keep: list[int], slots: list[list[int]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    ) -> list[tuple[list[int], list[float]]]:
         """One editor pass over the windows `keep` of `batch`, whose text slots are `slots`:
         argmax ids and probabilities per slot."""
         cfg = self.model.cfg.projector
@@ -156,10 +156,9 @@ class ModelRunner:
         else:
             attend = PaddedAttention(plan.lengths, on_device)
         out = self._project_and_edit(batch.encoded, tensors, attend).cpu().numpy()  # one copy back
-        counts = np.cumsum([len(s) for s in slots])[:-1]
-        return list(
-            zip(np.split(out[0].astype(np.int64), counts), np.split(out[1], counts), strict=True)
-        )
+        ids, probs = out[0].astype(np.int64).tolist(), out[1].tolist()
+        ends = np.cumsum([len(s) for s in slots]).tolist()
+        return [(ids[a:b], probs[a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
     def _encode_and_draft(
         self, features: torch.Tensor, valid: int | None, with_taps: bool
